@@ -1,0 +1,1 @@
+"""Frontends: Whisper weights in (CTranslate2 packages, Hugging Face folders), ONNX out and in."""

@@ -1,0 +1,94 @@
+"""Verifier and shape inference.
+
+:func:`verify` guarantees, when it returns: every value is defined once (SSA) and before its
+uses (dominance, in node order); every op is in the vocabulary with the right number of inputs
+and outputs; use lists match inputs; graph outputs are defined; and every node's declared output
+types agree with what its type rule infers (dtype, rank, and each dim where both are known).
+
+:func:`infer_shapes` rewrites each node's output types to what the type rules infer, keeping a
+declared dim where inference only knows ``?``.
+"""
+
+from __future__ import annotations
+
+from femtocc.errors import FemtoccError
+from femtocc.ir import dims
+from femtocc.ir.core import Graph, Node, TensorType
+from femtocc.ir.ops import OPS, OpError, infer_types
+
+
+class VerifyError(FemtoccError):
+    pass
+
+
+def _where(node: Node) -> str:
+    loc = f" ({node.meta['source']})" if node.meta.get("source") else ""
+    return f"node %{node.outputs[0].name} = {node.op}{loc}"
+
+
+def _inferred(node: Node) -> list[TensorType]:
+    consts = [v.data if v.is_constant else None for v in node.inputs]
+    try:
+        return infer_types(node.op, [v.type for v in node.inputs], node.attrs, consts)
+    except OpError as e:
+        raise VerifyError(f"{_where(node)}: {e}") from None
+
+
+def _agree(declared: TensorType, inferred: TensorType) -> bool:
+    return (
+        declared.dtype == inferred.dtype
+        and declared.rank == inferred.rank
+        and all(dims.compatible(a, b) for a, b in zip(declared.shape, inferred.shape))
+    )
+
+
+def verify(g: Graph) -> None:
+    defined: set[int] = set()
+    names: set[str] = set()
+
+    def define(v, what):
+        if v.name in names:
+            raise VerifyError(f"graph @{g.name}: value %{v.name} is defined twice ({what})")
+        names.add(v.name)
+        defined.add(id(v))
+
+    for v in g.inputs:
+        define(v, "input")
+    for name, v in g.constants.items():
+        if name != v.name:
+            raise VerifyError(f"graph @{g.name}: constant table key {name!r} != value name {v.name!r}")
+        if v.data is not None and TensorType.of(v.data) != v.type:
+            raise VerifyError(f"constant %{v.name}: data is {TensorType.of(v.data)}, type says {v.type}")
+        define(v, "constant")
+    for node in g.nodes:
+        if node.op not in OPS:
+            raise VerifyError(f"{_where(node)}: unknown op {node.op!r}")
+        if len(node.outputs) != OPS[node.op].n_outputs:
+            raise VerifyError(f"{_where(node)}: {len(node.outputs)} outputs, {node.op} has {OPS[node.op].n_outputs}")
+        for i, v in enumerate(node.inputs):
+            if id(v) not in defined:
+                raise VerifyError(f"{_where(node)}: input {i} %{v.name} is not defined before this node")
+            if node not in v.users:
+                raise VerifyError(f"{_where(node)}: use list of %{v.name} misses this node")
+        for out, want in zip(node.outputs, _inferred(node)):
+            if not _agree(out.type, want):
+                raise VerifyError(f"{_where(node)}: declared type {out.type}, inferred {want}")
+            if out.producer is not node:
+                raise VerifyError(f"{_where(node)}: output %{out.name} has another producer")
+        for v in node.outputs:
+            define(v, "node output")
+    for v in g.outputs:
+        if id(v) not in defined:
+            raise VerifyError(f"graph @{g.name}: output %{v.name} is not defined")
+
+
+def infer_shapes(g: Graph) -> None:
+    for node in g.nodes:
+        for out, want in zip(node.outputs, _inferred(node)):
+            if out.type.rank == want.rank and out.type.dtype == want.dtype:
+                shape = tuple(
+                    old if new == dims.UNKNOWN else dims.canonical(new) for old, new in zip(out.type.shape, want.shape)
+                )
+                out.type = TensorType(want.dtype, shape)
+            else:
+                out.type = want

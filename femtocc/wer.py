@@ -1,0 +1,51 @@
+"""Word error rate with Whisper's English normalizer, corpus-level, via jiwer."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+
+from femtocc.errors import FemtoccError
+
+
+@functools.cache
+def normalizer():
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    try:
+        spelling = json.loads(
+            importlib.resources.files("whisper_normalizer").joinpath("normalizers/english.json").read_text()
+        )
+    except (ModuleNotFoundError, FileNotFoundError):
+        raise FemtoccError("whisper-normalizer's english.json is missing: pip install whisper-normalizer") from None
+    return EnglishTextNormalizer(spelling)
+
+
+def normalize(text: str) -> str:
+    return normalizer()(text)
+
+
+def corpus_wer(references: list[str], hypotheses: list[str]) -> dict:
+    """Corpus WER in percent over normalized texts; utterances whose normalized reference is empty
+    are scored by counting every hypothesis word as an insertion."""
+    import jiwer
+
+    if len(references) != len(hypotheses):
+        raise ValueError("references and hypotheses differ in length")
+    refs = [normalize(r) for r in references]
+    hyps = [normalize(h) for h in hypotheses]
+    pairs = [(r, h) for r, h in zip(refs, hyps) if r.strip()]
+    extra_insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r.strip())
+    if not pairs:
+        raise FemtoccError("every reference transcript is empty after normalization: nothing to score")
+    out = jiwer.process_words([r for r, _ in pairs], [h if h.strip() else "" for _, h in pairs])
+    words = sum(len(r.split()) for r, _ in pairs)
+    errors = out.substitutions + out.deletions + out.insertions + extra_insertions
+    return {
+        "wer": 100.0 * errors / words,
+        "words": words,
+        "substitutions": out.substitutions,
+        "deletions": out.deletions,
+        "insertions": out.insertions + extra_insertions,
+    }

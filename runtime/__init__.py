@@ -1,0 +1,1 @@
+"""Runtimes that execute compiled femtocc programs (reference runtime and cycle simulator)."""

@@ -1,0 +1,1 @@
+"""Hardware targets of femtocc (spu001 arrives with its target description and code generator)."""
