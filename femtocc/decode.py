@@ -70,10 +70,10 @@ class _TorchSession:
             out = self.model(
                 encoder_outputs=self.encoder_outputs,
                 decoder_input_ids=torch.tensor([tokens]),
-                past_key_values=self.past,
+                cache=self.past,
                 use_cache=True,
             )
-        self.past = out.past_key_values
+        self.past = out.cache
         return out.logits[0, -1].numpy()
 
 

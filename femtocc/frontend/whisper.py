@@ -370,8 +370,19 @@ def _load_hf_folder(folder: Path, name: str, digest: str | None = None) -> Whisp
     return WhisperBundle(name, model, tokenizer, settings, digest, model.config.num_mel_bins, metadata)
 
 
+def _quiet_transformers() -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
 def load_whisper(source: str) -> WhisperBundle:
     """Load a model by short name, local folder or hub id (see the module docstring)."""
+    _quiet_transformers()
     path = Path(source).expanduser()
     if source in PACKAGED_MODELS:
         home, weights = _ct2_source(source, None)

@@ -1,0 +1,3 @@
+from femtocc.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""The ``femtocc`` command.
+
+Every user-facing failure is a :class:`FemtoccError` and prints as one line; set
+``FEMTOCC_DEBUG=1`` to see a traceback for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from femtocc.errors import FemtoccError
+
+DEFAULT_DATA = "../shared/data/speech/dev"
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--pipeline", default=default, help=f"pass pipeline, e.g. 'canonicalize,fold-gelu' (default: {default!r})")
+    p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS", help="print the IR after PASS (repeatable)")
+
+
+def _manager(args):
+    from femtocc.passes import PassManager
+
+    return PassManager.parse(
+        args.pipeline, print_after_all=args.print_ir_after_all, print_after=tuple(args.print_ir_after), out=sys.stderr
+    )
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"speech folder (transcripts.tsv or LibriSpeech layout; default {DEFAULT_DATA})")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N utterances (sorted by id)")
+    p.add_argument(
+        "--split", choices=("all", "eval", "calib"), default="all",
+        help="all utterances, or the speaker-disjoint evaluation / calibration part (default all)",
+    )
+
+
+def _utterances(args):
+    from femtocc.data import load_dataset, split_by_speaker
+
+    utts = load_dataset(args.data)
+    if args.split != "all":
+        calib, evaluation = split_by_speaker(utts)
+        utts = calib if args.split == "calib" else evaluation
+    return utts[: args.limit] if args.limit else utts
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_import(args) -> int:
+    from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper, load_onnx
+    from femtocc.frontend.onnx_ir import import_onnx
+    from femtocc.frontend.whisper import load_whisper
+    from femtocc.ir import save
+
+    out = Path(args.output)
+    bundle = load_whisper(args.model)
+    paths = export_whisper(bundle, out, progress=lambda w: print(f"exported {out / (w + '.onnx')}", file=sys.stderr))
+    manager = _manager(args)
+    for which in GRAPH_NAMES:
+        graph = manager.run(import_onnx(load_onnx(paths[which]), which))
+        path = save(graph, out / f"{which}.fir")
+        print(f"wrote {path} ({len(graph.nodes)} nodes, {graph.parameter_count():,} parameters)")
+    if manager.records:
+        print(manager.summary(), file=sys.stderr)
+    return 0
+
+
+def load_graph(path: Path):
+    """An IR graph from ``.onnx`` or from IR text (with its ``.safetensors`` weights if present)."""
+    from femtocc.ir import load
+
+    if path.suffix == ".onnx":
+        from femtocc.frontend.onnx_export import load_onnx
+        from femtocc.frontend.onnx_ir import import_onnx
+
+        return import_onnx(load_onnx(path), path.stem)
+    return load(path)
+
+
+def cmd_show(args) -> int:
+    from femtocc.ir import print_graph
+
+    path = Path(args.file)
+    if not path.exists():
+        raise FemtoccError(f"{path}: no such file")
+    graph = load_graph(path)
+    if args.pipeline:
+        _manager(args).run(graph)
+    if not args.summary:
+        sys.stdout.write(print_graph(graph))
+    counts = graph.op_counts()
+    print(f"// @{graph.name}: {len(graph.nodes)} nodes, {len(graph.constants)} constants, "
+          f"{graph.parameter_count():,} parameters")
+    print("// ops: " + ", ".join(f"{op} {n}" for op, n in counts.items()))
+    return 0
+
+
+def _print_report(rows: list[tuple[str, dict]]) -> None:
+    print(f"{'backend':<14}{'utts':>6}{'WER %':>9}{'agree %':>9}{'same':>6}{'limit':>7}{'s/utt':>8}")
+    for name, r in rows:
+        agree = f"{r['agreement_wer']:.2f}" if "agreement_wer" in r else "-"
+        same = str(r.get("identical_transcripts", "-"))
+        print(f"{name:<14}{r['utterances']:>6}{r['wer']:>9.2f}{agree:>9}{same:>6}{r['hit_token_limit']:>7}"
+              f"{r['seconds'] / max(r['utterances'], 1):>8.2f}")
+
+
+def cmd_eval(args) -> int:
+    from femtocc.cache import atomic_write
+    from femtocc.decode import make_backend, score, transcribe
+    from femtocc.frontend.whisper import load_whisper
+
+    utts = _utterances(args)
+    bundle = load_whisper(args.model)
+    backend = make_backend(bundle, args.backend, pipeline=args.pipeline)
+    transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
+    dense = None
+    if args.backend != "torch":
+        dense = transcribe(bundle, make_backend(bundle, "torch"), utts, progress=not args.quiet)
+    report = score(transcripts, dense)
+    _print_report([(args.backend, report)])
+    json_path = Path(args.json or f"eval-{Path(args.model).name}-{args.backend}.json")
+    result = {
+        "model": args.model,
+        "backend": args.backend,
+        "data": str(args.data),
+        "split": args.split,
+        "report": report,
+        "utterances": [t.__dict__ for t in transcripts],
+    }
+    with atomic_write(json_path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {json_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from femtocc import __version__
+    from femtocc.decode import BACKENDS
+    from femtocc.passes import DEFAULT_PIPELINE
+
+    parser = argparse.ArgumentParser(
+        prog="femtocc",
+        description="Sparse compiler stack for Whisper on the spu001 sparse processing unit.",
+    )
+    parser.add_argument("--version", action="version", version=f"femtocc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("import", help="export a Whisper model to ONNX and femtocc IR",
+                       description="Export MODEL's encoder, cross-attention K/V and decoder step to ONNX "
+                                   "(opset 18) and write each as femtocc IR text (.fir) with its weights.")
+    p.add_argument("model", help="whisper-tiny.en, whisper-base, a local folder or a hub id")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_pipeline_args(p, DEFAULT_PIPELINE)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("show", help="print the IR of an .onnx or .fir file with op and parameter counts")
+    p.add_argument("file")
+    p.add_argument("--summary", action="store_true", help="only the counts, not the IR")
+    _add_pipeline_args(p, "")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("eval", help="transcribe speech with a backend and report WER",
+                       description="Greedy-decode every utterance and report corpus WER (Whisper English "
+                                   "normalizer), the number of utterances that hit the token limit and, for "
+                                   "non-torch backends, agreement with the torch transcripts.")
+    p.add_argument("model")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--json", help="where to write per-utterance results (default eval-MODEL-BACKEND.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _data_args(p)
+    _add_pipeline_args(p, DEFAULT_PIPELINE)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FemtoccError as e:
+        print(f"femtocc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("femtocc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the CLI never shows a raw traceback unless asked to
+        if os.environ.get("FEMTOCC_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"femtocc: internal error ({type(e).__name__}: {first}); rerun with FEMTOCC_DEBUG=1 "
+              "for the traceback", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
