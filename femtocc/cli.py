@@ -111,6 +111,16 @@ def _print_report(rows: list[tuple[str, dict]]) -> None:
               f"{r['seconds'] / max(r['utterances'], 1):>8.2f}")
 
 
+def dense_reference(bundle, utts) -> dict[str, str]:
+    """Transcripts of the dense model a (pruned) model came from, for agreement."""
+    from femtocc.frontend.whisper import load_whisper
+    from femtocc.passes.calibrate import dense_transcripts
+
+    source = bundle.metadata.get("dense_source")
+    dense = load_whisper(source) if source else bundle
+    return {uid: dense.text(tokens) for uid, tokens in dense_transcripts(dense, utts).items()}
+
+
 def cmd_eval(args) -> int:
     from femtocc.cache import atomic_write
     from femtocc.decode import make_backend, score, transcribe
@@ -120,10 +130,9 @@ def cmd_eval(args) -> int:
     bundle = load_whisper(args.model)
     backend = make_backend(bundle, args.backend, pipeline=args.pipeline)
     transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
-    dense = None
-    if args.backend != "torch":
-        dense = transcribe(bundle, make_backend(bundle, "torch"), utts, progress=not args.quiet)
-    report = score(transcripts, dense)
+    report = score(transcripts, dense_reference(bundle, utts))
+    if bundle.metadata.get("pruning"):
+        report["pruning"] = bundle.metadata["pruning"]
     _print_report([(args.backend, report)])
     json_path = Path(args.json or f"eval-{Path(args.model).name}-{args.backend}.json")
     result = {
@@ -137,6 +146,42 @@ def cmd_eval(args) -> int:
     with atomic_write(json_path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {json_path}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from femtocc.cache import atomic_write
+    from femtocc.data import load_dataset, split_by_speaker
+    from femtocc.frontend.whisper import load_whisper, save_bundle
+    from femtocc.passes.prune import PruneConfig, prune_model
+
+    cfg = PruneConfig(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
+        damping=args.damping, sequential=args.sequential, layers=args.layers,
+        include_embeddings=args.include_embeddings,
+    )
+    cfg.check()
+    calib = load_dataset(args.calib)
+    if args.calib_split == "calib":
+        calib = split_by_speaker(calib)[0]
+    calib = calib[: args.calib_limit] if args.calib_limit else calib
+    bundle = load_whisper(args.model)
+    pruned, report = prune_model(bundle, cfg, calib, progress=not args.quiet)
+    pruned.metadata["dense_source"] = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    out = save_bundle(pruned, args.output)
+    with atomic_write(out / "prune-report.json", "w") as f:
+        json.dump(report, f, indent=1)
+    if args.verbose:
+        print(f"{'layer':<42}{'shape':>12}{'sparsity':>10}{'rel.err':>10}{'damp':>7}")
+        for name, r in report["layers"].items():
+            err = f"{r['relative_error']:.4f}" if r["relative_error"] is not None else "-"
+            damp = f"{r['damping']:g}" if r["damping"] is not None else "-"
+            print(f"{name:<42}{'x'.join(map(str, r['shape'])):>12}{r['sparsity']:>10.3f}{err:>10}{damp:>7}")
+    print(f"pruned {len(report['layers'])} layers ({report['pruned_params']:,} of {report['model_params']:,} "
+          f"parameters) with {args.method}, pattern {report['config']['pattern']}: sparsity {report['sparsity']:.4f}, "
+          f"{report['calibration_utterances']} calibration utterances, damping {report['dampings_used'] or '-'}, "
+          f"{report['seconds']:.1f} s (calibration {report['calibration_s']:.1f} s, pruning {report['pruning_s']:.1f} s)")
+    print(f"wrote {out} and {out / 'prune-report.json'}")
     return 0
 
 
@@ -180,6 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     _add_pipeline_args(p, DEFAULT_PIPELINE)
     p.set_defaults(func=cmd_eval)
+
+    from femtocc.passes.prune import METHODS
+
+    p = sub.add_parser("prune", help="prune a model with OBS or magnitude pruning",
+                       description="Prune every linear and conv layer of encoder and decoder (not the token "
+                                   "embedding / output projection) and write the pruned model as a folder that "
+                                   "every other command accepts.")
+    p.add_argument("model")
+    p.add_argument("--method", choices=METHODS, default="obs")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of pruned-layer weights set to zero (default 0.5)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, pencil8 or N:M such as 2:4 (default unstructured)")
+    p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="same sparsity in every layer, or allocated across layers from the OBS error (default uniform)")
+    p.add_argument("--damping", type=float, default=None, help="OBS damping as a fraction of mean(diag H) (default: automatic)")
+    p.add_argument("--sequential", action="store_true", help="calibrate each block on the already pruned blocks before it")
+    p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
+    p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
+    p.add_argument("--calib", default=DEFAULT_DATA, help=f"calibration speech folder (default {DEFAULT_DATA})")
+    p.add_argument("--calib-split", choices=("calib", "all"), default="calib",
+                   help="use the speaker-disjoint calibration part of --calib (default), or all of it")
+    p.add_argument("--calib-limit", type=int, default=None, help="at most N calibration utterances")
+    p.add_argument("-o", "--output", required=True, help="output model folder")
+    p.add_argument("--verbose", action="store_true", help="print the per-layer table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 

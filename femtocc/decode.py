@@ -100,6 +100,11 @@ class GraphBackend:
 class _GraphSession:
     def __init__(self, run: Runner, past, cross):
         self.run, self.past, self.cross = run, past, cross
+        self.empty = past
+
+    def fresh(self) -> _GraphSession:
+        """A new session on the same encoder output, with an empty token cache."""
+        return _GraphSession(self.run, self.empty, self.cross)
 
     def step(self, tokens):
         out = self.run({"input_ids": np.array([tokens], np.int64), **self.past, **self.cross})
@@ -117,19 +122,43 @@ def ort_runner(path) -> Runner:
     return lambda feeds: dict(zip(names, sess.run(None, feeds)))
 
 
+def torch_graph_backend(bundle) -> GraphBackend:
+    """The exported graphs' torch modules run eagerly: same math as the ONNX graphs, no export, and
+    forward hooks on the model's layers fire (calibration uses this)."""
+    import torch
+
+    from femtocc.frontend.onnx_export import graph_modules, graph_signatures
+
+    def runner(module, inputs, outputs):
+        def run(feeds):
+            with torch.no_grad():
+                result = module(*(torch.from_numpy(np.asarray(feeds[n])) for n in inputs))
+            result = result if isinstance(result, tuple) else (result,)
+            return {n: r.numpy() for n, r in zip(outputs, result)}
+
+        return run
+
+    sigs = graph_signatures(bundle.config)
+    runners = {w: runner(m, *sigs[w]) for w, m in graph_modules(bundle).items()}
+    return GraphBackend("torch-graphs", runners, bundle.config)
+
+
 def ir_runner(graph) -> Runner:
     from femtocc.ir import Interpreter
 
     return Interpreter(graph).run
 
 
-def make_backend(bundle, kind: str, pipeline: str | None = None, progress=None) -> Backend:
-    """``torch``, ``onnxruntime`` or ``ir`` (the IR interpreter, after ``pipeline``)."""
+def make_backend(bundle, kind: str, pipeline: str | None = None, progress=None, export_dir=None) -> Backend:
+    """``torch``, ``onnxruntime`` or ``ir`` (the IR interpreter, after ``pipeline``).
+
+    The ONNX graphs come from the export cache, or are written to ``export_dir`` when given.
+    """
     if kind == "torch":
         return TorchBackend(bundle)
     from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper
 
-    paths = export_whisper(bundle, progress=progress)
+    paths = export_whisper(bundle, export_dir, progress=progress)
     if kind == "onnxruntime":
         return GraphBackend(kind, {w: ort_runner(paths[w]) for w in GRAPH_NAMES}, bundle.config)
     if kind == "ir":
@@ -199,8 +228,8 @@ def transcribe(bundle, backend: Backend, utts: list[Utterance], progress: bool =
     return results
 
 
-def score(transcripts: list[Transcript], dense: list[Transcript] | None = None) -> dict:
-    """WER against references, runaway count, and (given dense transcripts) agreement WER."""
+def score(transcripts: list[Transcript], dense: dict[str, str] | None = None) -> dict:
+    """WER against references, runaway count, and (given dense transcripts by id) agreement WER."""
     from femtocc.wer import corpus_wer
 
     report = {
@@ -212,8 +241,7 @@ def score(transcripts: list[Transcript], dense: list[Transcript] | None = None) 
         "audio_seconds": sum(t.duration_s for t in transcripts),
     }
     if dense is not None:
-        by_id = {t.id: t.hypothesis for t in dense}
-        agree = corpus_wer([by_id[t.id] or "-" for t in transcripts], [t.hypothesis for t in transcripts])
+        agree = corpus_wer([dense[t.id] or "-" for t in transcripts], [t.hypothesis for t in transcripts])
         report["agreement_wer"] = agree["wer"]
-        report["identical_transcripts"] = sum(by_id[t.id] == t.hypothesis for t in transcripts)
+        report["identical_transcripts"] = sum(dense[t.id] == t.hypothesis for t in transcripts)
     return report

@@ -1,8 +1,8 @@
 """Graph passes. Importing this package registers every pass with the pass manager."""
 
-from femtocc.passes import canonicalize, constant_fold, dce, fold_dense, fold_gelu  # noqa: F401
+from femtocc.passes import annotate_sparsity, canonicalize, constant_fold, dce, fold_dense, fold_gelu  # noqa: F401
 from femtocc.passes.manager import PASSES, Pass, PassManager, parse_pipeline, register
 
-DEFAULT_PIPELINE = "canonicalize,fold-gelu,fold-dense,dce"
+DEFAULT_PIPELINE = "canonicalize,fold-gelu,fold-dense,dce,annotate-sparsity"
 
 __all__ = ["PASSES", "Pass", "PassManager", "parse_pipeline", "register", "DEFAULT_PIPELINE"]

@@ -107,6 +107,13 @@ def _modules():
     return Encoder, CrossKV, DecoderStep
 
 
+def graph_modules(bundle) -> dict:
+    """The three graphs as eager torch modules over ``bundle.model``'s own layers (hooks fire)."""
+    Encoder, CrossKV, DecoderStep = _modules()
+    mods = {"encoder": Encoder(bundle.model), "cross_kv": CrossKV(bundle.model), "decoder_step": DecoderStep(bundle.model)}
+    return {k: m.eval() for k, m in mods.items()}
+
+
 def graph_signatures(config) -> dict[str, tuple[list[str], list[str]]]:
     n = config.decoder_layers
     kv = lambda p: [f"{p}_{t}.{i}" for i in range(n) for t in ("k", "v")]  # noqa: E731
@@ -138,9 +145,7 @@ def export_graph(bundle, which: str):
     import torch
 
     config = bundle.config
-    Encoder, CrossKV, DecoderStep = _modules()
-    module = {"encoder": Encoder, "cross_kv": CrossKV, "decoder_step": DecoderStep}[which](bundle.model)
-    module.eval()
+    module = graph_modules(bundle)[which]
     inputs, outputs = graph_signatures(config)[which]
     args = _example_inputs(config)[which]
     dynamic = None

@@ -334,6 +334,19 @@ def _write_manifest(folder: Path, settings: DecodeSettings, digest: str, sources
         json.dump(manifest, f, indent=2)
 
 
+def save_bundle(bundle: WhisperBundle, folder: str | Path) -> Path:
+    """Write a (pruned) model as a folder that :func:`load_whisper` loads: transformers weights,
+    tokenizer, and ``femtocc.json`` with the decode settings, metadata and its own digest."""
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        bundle.model.save_pretrained(tmp)
+        with atomic_write(tmp / "tokenizer.json", "w") as f:
+            f.write(bundle.tokenizer.to_str())
+        digest = sha256_files(sorted(tmp.glob("*.safetensors")))
+        _write_manifest(tmp, bundle.decode, digest, [], metadata=bundle.metadata)
+    return folder
+
+
 def _load_hf_folder(folder: Path, name: str, digest: str | None = None) -> WhisperBundle:
     import torch
     from tokenizers import Tokenizer
@@ -377,7 +390,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def load_whisper(source: str) -> WhisperBundle:

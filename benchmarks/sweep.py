@@ -1,0 +1,156 @@
+"""Sparsity sweep: WER against sparsity for each pruning method and model, on real speech.
+
+    python benchmarks/sweep.py [--models whisper-tiny.en whisper-base] [--data DIR] [--out benchmarks/results]
+
+For each model: split the data by speaker (calibration / evaluation), calibrate once on the
+dense model, transcribe the evaluation part densely, then for every grid point prune a copy,
+export it to ONNX and transcribe the evaluation part with onnxruntime. Writes, per model,
+``sweep-MODEL.json`` and ``.csv`` (after every point, so a partial sweep is kept) and
+``sweep-MODEL.png`` (WER against sparsity, one line per method, dense WER marked), and reports
+for each method the highest sparsity whose WER stays within +1.0 absolute of dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GRIDS = {
+    # (method, allocation, pattern): sparsities
+    ("mp-local", "uniform", "unstructured"): [0.1, 0.2, 0.3, 0.4],
+    ("mp-global", "global", "unstructured"): [0.1, 0.2, 0.3, 0.4],
+    ("obs", "uniform", "unstructured"): [0.3, 0.4, 0.45, 0.5, 0.55, 0.6],
+    ("obs", "global", "unstructured"): [0.4, 0.5, 0.6],
+    ("obs", "uniform", "pencil8"): [0.5],
+}
+TOLERANCE = 1.0
+
+
+def label(method: str, allocation: str, pattern: str) -> str:
+    text = method if method != "obs" else f"obs-{allocation}"
+    return text if pattern == "unstructured" else f"{text} {pattern}"
+
+
+def usable(rows: list[dict], dense_wer: float) -> dict[str, float]:
+    """Per method: the highest sparsity whose WER is within TOLERANCE of dense (0 if none)."""
+    best: dict[str, float] = {}
+    for r in rows:
+        best.setdefault(r["label"], 0.0)
+        if r["wer"] <= dense_wer + TOLERANCE:
+            best[r["label"]] = max(best[r["label"]], r["sparsity"])
+    return best
+
+
+def plot(rows, dense_wer, model, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from femtocc.cache import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["label"] for r in rows):
+        pts = sorted((r["sparsity"], r["wer"]) for r in rows if r["label"] == name)
+        ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.axhline(dense_wer, color="black", linestyle="--", linewidth=1, label=f"dense {dense_wer:.2f}")
+    ax.axhline(dense_wer + TOLERANCE, color="grey", linestyle=":", linewidth=1, label="dense + 1.0")
+    ax.set_xlabel("sparsity of pruned layers (%)")
+    ax.set_ylabel("WER (%)")
+    ax.set_ylim(0, max(60, dense_wer + 10))
+    ax.set_title(f"{model}: WER vs sparsity (evaluation split)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
+
+
+def sweep_model(model: str, args) -> dict:
+    from femtocc.cache import atomic_write
+    from femtocc.data import load_dataset, split_by_speaker
+    from femtocc.decode import make_backend, score, transcribe
+    from femtocc.frontend.whisper import load_whisper
+    from femtocc.passes.calibrate import collect_hessians, prunable_layers
+    from femtocc.passes.prune import PruneConfig, prune_model
+
+    bundle = load_whisper(model)
+    calib, evaluation = split_by_speaker(load_dataset(args.data))
+    evaluation = evaluation[: args.eval_limit] if args.eval_limit else evaluation
+    t = time.perf_counter()
+    hessians = collect_hessians(bundle, calib, prunable_layers(bundle.model))
+    calib_s = time.perf_counter() - t
+    dense = transcribe(bundle, make_backend(bundle, "onnxruntime"), evaluation)
+    dense_report = score(dense)
+    dense_texts = {x.id: x.hypothesis for x in dense}
+    print(f"{model}: dense WER {dense_report['wer']:.2f} on {len(evaluation)} utterances; "
+          f"calibration on {len(calib)} utterances took {calib_s:.0f} s", flush=True)
+    out = Path(args.out)
+    rows: list[dict] = []
+    grids = {k: v for k, v in GRIDS.items() if not args.methods or k[0] in args.methods}
+    for (method, allocation, pattern), sparsities in grids.items():
+        for s in sparsities:
+            cfg = PruneConfig(method=method, sparsity=s, pattern=pattern, allocation=allocation)
+            pruned, report = prune_model(bundle, cfg, calib, hessians=hessians)
+            with tempfile.TemporaryDirectory() as tmp:
+                result = score(transcribe(pruned, make_backend(pruned, "onnxruntime", export_dir=tmp), evaluation), dense_texts)
+            row = {
+                "model": model, "label": label(method, allocation, pattern), "method": method,
+                "allocation": allocation, "pattern": pattern, "sparsity": round(report["sparsity"], 4),
+                "wer": round(result["wer"], 3), "agreement_wer": round(result["agreement_wer"], 3),
+                "hit_token_limit": result["hit_token_limit"], "prune_s": round(report["pruning_s"], 2),
+                "dampings": report["dampings_used"],
+            }
+            rows.append(row)
+            print(f"  {row['label']:<28} sparsity {row['sparsity']:.3f}  WER {row['wer']:6.2f}  "
+                  f"agree {row['agreement_wer']:6.2f}  runaways {row['hit_token_limit']}", flush=True)
+            summary = {
+                "command": "python " + " ".join(sys.argv),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                "model": model,
+                "calibration_utterances": len(calib),
+                "evaluation_utterances": len(evaluation),
+                "dense": dense_report,
+                "tolerance": TOLERANCE,
+                "max_sparsity_within_tolerance": usable(rows, dense_report["wer"]),
+                "rows": rows,
+            }
+            stem = out / f"sweep-{model}"
+            with atomic_write(stem.with_suffix(".json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            with atomic_write(stem.with_suffix(".csv"), "w") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    plot(rows, dense_report["wer"], model, out / f"sweep-{model}.png")
+    best = usable(rows, dense_report["wer"])
+    for name, s in best.items():
+        print(f"  {model}: {name:<28} highest sparsity within +{TOLERANCE} WER: {s:.2f}")
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["whisper-tiny.en", "whisper-base"])
+    ap.add_argument("--methods", nargs="*", default=None, help="restrict to these methods")
+    ap.add_argument("--data", default="../shared/data/speech/dev")
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    for model in args.models:
+        sweep_model(model, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

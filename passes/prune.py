@@ -1,0 +1,214 @@
+"""Pruning driver: OBS (second order, with reconstruction) and the magnitude baselines, on Whisper.
+
+* ``obs``: :func:`femtocc.passes.obs.obs_prune` per layer on calibrated Hessians.
+* ``mp-local``: per layer, the smallest-magnitude units (weights, pencils, or within N:M groups).
+* ``mp-global``: one magnitude threshold across all pruned layers.
+
+Per-layer sparsity is ``uniform`` (every layer at the target) or ``global``: for OBS, every unit
+is scored by the output error it would cause alone, ``w^2 / [H^-1]_jj`` relative to the layer's
+output energy ``tr(W H W^T)``, and one threshold over all layers meets the target (each layer
+capped at ``MAX_LAYER_SPARSITY``). ``sequential`` recalibrates each block on the outputs of the
+blocks already pruned before it (costs one calibration pass per block).
+
+Guarantees: the pruned layers hold exact zeros in the chosen pattern; the overall sparsity over
+pruned parameters equals the target up to rounding (uniform) or the cap (global); the token
+embedding and the output projection tied to it are untouched unless ``include_embeddings``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from femtocc.errors import FemtoccError
+from femtocc.passes.calibrate import Hessians, collect_hessians, dense_transcripts, prunable_layers
+from femtocc.passes.obs import magnitude_mask, obs_prune, relative_error, unit_scores
+from femtocc.passes.sparsity import Pattern, parse_pattern
+
+METHODS = ("obs", "mp-local", "mp-global")
+MAX_LAYER_SPARSITY = 0.98
+
+
+@dataclass
+class PruneConfig:
+    method: str = "obs"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    allocation: str = "uniform"  # or "global"
+    damping: float | None = None  # None: automatic (see obs.AUTO_DAMPING)
+    sequential: bool = False
+    layers: str | None = None  # regex over module paths; None: every linear and conv
+    include_embeddings: bool = False
+    block: int = 128
+
+    def check(self) -> Pattern:
+        if self.method not in METHODS:
+            raise FemtoccError(f"unknown pruning method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise FemtoccError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation not in ("uniform", "global"):
+            raise FemtoccError(f"allocation must be uniform or global, got {self.allocation!r}")
+        pattern = parse_pattern(self.pattern)
+        if pattern.fixed_sparsity is not None:
+            self.sparsity = pattern.fixed_sparsity
+        return pattern
+
+
+def _matrix(module) -> np.ndarray:
+    """A layer's weight as [out, in] (a conv's kernel flattened into its inputs)."""
+    w = module.weight.detach().numpy()
+    return w.reshape(w.shape[0], -1)
+
+
+def _store(module, matrix: np.ndarray) -> None:
+    import torch
+
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(matrix.reshape(module.weight.shape)))
+
+
+def _stages(names: list[str]) -> list[list[str]]:
+    """Sequential order: the convolutions, then each encoder block, then each decoder block."""
+    stages: dict[str, list[str]] = {}
+    for n in names:
+        m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.", n)
+        key = f"{m.group(1)}.{int(m.group(2)):03d}" if m else n.split(".")[0] + ".-"
+        stages.setdefault(key, []).append(n)
+    order = sorted(stages, key=lambda k: (k.split(".")[0] != "encoder", k))
+    return [stages[k] for k in order]
+
+
+def _global_sparsities(weights: dict[str, np.ndarray], cfg: PruneConfig, pattern: Pattern,
+                       hessians: Hessians | None) -> dict[str, float]:
+    """One threshold over all units' scores; per-layer sparsity = share of its units below it."""
+    import torch
+
+    scores = {}
+    for name, w in weights.items():
+        if cfg.method == "obs":
+            H = torch.from_numpy(hessians.matrices[name])
+            n = H.shape[0]
+            H = H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+            hinv_diag = torch.diag(torch.linalg.inv(H)).numpy()
+            w64 = w.astype(np.float64)
+            energy = float(((w64 @ hessians.matrices[name]) * w64).sum())
+            per_weight = w.astype(np.float64) ** 2 / hinv_diag[None, :] / max(energy, 1e-30)
+            if pattern.kind == "pencil":
+                r, c = per_weight.shape
+                per_weight = per_weight.reshape(r // pattern.m, pattern.m, c).sum(axis=1)
+            scores[name] = per_weight
+        else:
+            scores[name] = unit_scores(np.abs(w), pattern)
+    flat = np.concatenate([s.reshape(-1) for s in scores.values()])
+    target_units = int(round(cfg.sparsity * flat.size))
+    if target_units == 0:
+        return {n: 0.0 for n in scores}
+    threshold = np.partition(flat, target_units - 1)[target_units - 1]
+    out = {}
+    for name, s in scores.items():
+        out[name] = min(float((s <= threshold).mean()), MAX_LAYER_SPARSITY)
+    return out
+
+
+def weights_digest(model) -> str:
+    """SHA-256 over every parameter's name and bytes: a pruned model's identity for export caches."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessians: Hessians | None = None):
+    """Prune a copy of ``bundle``'s model; returns (pruned bundle, report dict).
+
+    ``hessians`` of the dense model may be passed in to reuse one calibration across several
+    prunings (not with ``sequential``, which recalibrates as it goes).
+    """
+    start = time.perf_counter()
+    pattern = cfg.check()
+    pruned = copy.copy(bundle)
+    pruned.model = copy.deepcopy(bundle.model)
+    layers = prunable_layers(pruned.model, cfg.include_embeddings)
+    if cfg.layers:
+        try:
+            rx = re.compile(cfg.layers)
+        except re.error as e:
+            raise FemtoccError(f"--layers {cfg.layers!r} is not a valid regular expression: {e}") from None
+        layers = {n: m for n, m in layers.items() if rx.search(n)}
+        if not layers:
+            raise FemtoccError(f"--layers {cfg.layers!r} matches no prunable layer")
+    for name, module in layers.items():
+        pattern.check_shape(_matrix(module).shape, name)
+
+    timings = {}
+    t = time.perf_counter()
+    if hessians is None or cfg.sequential:
+        if cfg.method == "obs" and not calib:
+            raise FemtoccError("OBS pruning needs calibration utterances")
+        hessians = collect_hessians(pruned, calib, layers, progress) if calib else None
+    timings["calibration_s"] = time.perf_counter() - t
+
+    weights = {n: _matrix(m) for n, m in layers.items()}
+    if cfg.allocation == "global" or cfg.method == "mp-global":
+        if pattern.kind == "nm":
+            raise FemtoccError("N:M fixes every group's sparsity; global allocation has nothing to allocate")
+        targets = _global_sparsities(weights, cfg, pattern, hessians)
+    else:
+        targets = {n: cfg.sparsity for n in layers}
+
+    t = time.perf_counter()
+    per_layer = {}
+    stages = _stages(list(layers)) if cfg.sequential and cfg.method == "obs" else [list(layers)]
+    for i, stage in enumerate(stages):
+        if cfg.sequential and cfg.method == "obs" and i > 0:
+            t_cal = time.perf_counter()
+            tokens = dense_transcripts(bundle, calib)
+            stage_layers = {n: layers[n] for n in stage}
+            hessians.matrices.update(collect_hessians(pruned, calib, stage_layers, dense_tokens=tokens).matrices)
+            timings["calibration_s"] += time.perf_counter() - t_cal
+        for name in stage:
+            w = _matrix(layers[name])
+            if cfg.method == "obs":
+                r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block)
+                new, damping, error = r.weight, r.damping, r.error
+            else:
+                mask = magnitude_mask(w, targets[name], pattern)
+                new, damping = np.where(mask, 0.0, w).astype(np.float32), None
+                error = relative_error(w, new, hessians.matrices[name]) if hessians else None
+            _store(layers[name], new)
+            per_layer[name] = {
+                "shape": list(w.shape),
+                "params": int(w.size),
+                "nnz": int(np.count_nonzero(new)),
+                "sparsity": float(1 - np.count_nonzero(new) / w.size),
+                "target": targets[name],
+                "relative_error": error,
+                "damping": damping,
+            }
+    timings["pruning_s"] = time.perf_counter() - t
+    total = sum(p["params"] for p in per_layer.values())
+    nnz = sum(p["nnz"] for p in per_layer.values())
+    dampings = sorted({p["damping"] for p in per_layer.values() if p["damping"] is not None})
+    report = {
+        "config": {**asdict(cfg), "pattern": pattern.name},
+        "calibration_utterances": len(calib) if calib else 0,
+        "pruned_params": total,
+        "pruned_nnz": nnz,
+        "sparsity": 1 - nnz / total,
+        "model_params": int(sum(p.numel() for p in pruned.model.parameters())),
+        "dampings_used": dampings,
+        "seconds": time.perf_counter() - start,
+        **timings,
+        "layers": per_layer,
+    }
+    pruned.source_digest = weights_digest(pruned.model)
+    pruned.metadata = {"pruning": {k: v for k, v in report.items() if k != "layers"}, "dense_source": bundle.name}
+    pruned.name = f"{bundle.name}-{cfg.method}-{pattern.name.replace(':', 'of')}-{cfg.sparsity:.2f}"
+    return pruned, report
