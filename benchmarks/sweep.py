@@ -125,10 +125,9 @@ def sweep_model(model: str, args) -> dict:
                 "max_sparsity_within_tolerance": usable(rows, dense_report["wer"]),
                 "rows": rows,
             }
-            stem = out / f"sweep-{model}"
-            with atomic_write(stem.with_suffix(".json"), "w") as f:
+            with atomic_write(out / f"sweep-{model}.json", "w") as f:
                 json.dump(summary, f, indent=1)
-            with atomic_write(stem.with_suffix(".csv"), "w") as f:
+            with atomic_write(out / f"sweep-{model}.csv", "w") as f:
                 w = csv.DictWriter(f, fieldnames=list(rows[0]))
                 w.writeheader()
                 w.writerows(rows)
@@ -146,7 +145,15 @@ def main() -> int:
     ap.add_argument("--data", default="../shared/data/speech/dev")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--grid", nargs="*", default=[], metavar="LABEL=S1,S2",
+                    help="replace a grid line, e.g. obs-uniform=0.5,0.6,0.7 or 'mp-local=0.2,0.3'")
     args = ap.parse_args()
+    for item in args.grid:
+        name, _, values = item.partition("=")
+        keys = [k for k in GRIDS if label(*k) == name]
+        if not keys or not values:
+            ap.error(f"--grid {item!r}: expected one of {', '.join(label(*k) for k in GRIDS)}=S1,S2,...")
+        GRIDS[keys[0]] = [float(v) for v in values.split(",")]
     for model in args.models:
         sweep_model(model, args)
     return 0

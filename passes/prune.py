@@ -7,7 +7,8 @@
 Per-layer sparsity is ``uniform`` (every layer at the target) or ``global``: for OBS, every unit
 is scored by the output error it would cause alone, ``w^2 / [H^-1]_jj`` relative to the layer's
 output energy ``tr(W H W^T)``, and one threshold over all layers meets the target (each layer
-capped at ``MAX_LAYER_SPARSITY``). ``sequential`` recalibrates each block on the outputs of the
+kept within ``ALLOCATION_SPREAD`` of the target, so no layer is emptied; ``mp-global`` uses the
+classic unbounded magnitude threshold, capped at ``MAX_LAYER_SPARSITY``). ``sequential`` recalibrates each block on the outputs of the
 blocks already pruned before it (costs one calibration pass per block).
 
 Guarantees: the pruned layers hold exact zeros in the chosen pattern; the overall sparsity over
@@ -31,6 +32,7 @@ from femtocc.passes.sparsity import Pattern, parse_pattern
 
 METHODS = ("obs", "mp-local", "mp-global")
 MAX_LAYER_SPARSITY = 0.98
+ALLOCATION_SPREAD = 0.15  # global allocation keeps each layer within target +- this
 
 
 @dataclass
@@ -53,6 +55,8 @@ class PruneConfig:
         if self.allocation not in ("uniform", "global"):
             raise FemtoccError(f"allocation must be uniform or global, got {self.allocation!r}")
         pattern = parse_pattern(self.pattern)
+        if pattern.kind == "nm" and (self.allocation == "global" or self.method == "mp-global"):
+            raise FemtoccError("N:M fixes every group's sparsity; global allocation has nothing to allocate")
         if pattern.fixed_sparsity is not None:
             self.sparsity = pattern.fixed_sparsity
         return pattern
@@ -103,15 +107,29 @@ def _global_sparsities(weights: dict[str, np.ndarray], cfg: PruneConfig, pattern
             scores[name] = per_weight
         else:
             scores[name] = unit_scores(np.abs(w), pattern)
-    flat = np.concatenate([s.reshape(-1) for s in scores.values()])
-    target_units = int(round(cfg.sparsity * flat.size))
-    if target_units == 0:
-        return {n: 0.0 for n in scores}
-    threshold = np.partition(flat, target_units - 1)[target_units - 1]
-    out = {}
-    for name, s in scores.items():
-        out[name] = min(float((s <= threshold).mean()), MAX_LAYER_SPARSITY)
-    return out
+    sizes = {n: sc.size for n, sc in scores.items()}
+    total = sum(sizes.values())
+    spread = ALLOCATION_SPREAD if cfg.method == "obs" else 1.0  # mp-global: the classic unbounded threshold
+    lo, hi = max(0.0, cfg.sparsity - spread), min(MAX_LAYER_SPARSITY, cfg.sparsity + spread)
+    sorted_scores = {n: np.sort(sc.reshape(-1)) for n, sc in scores.items()}
+
+    def allocation(threshold: float) -> dict[str, float]:
+        return {n: float(np.clip(np.searchsorted(v, threshold, side="right") / v.size, lo, hi))
+                for n, v in sorted_scores.items()}
+
+    def pruned(threshold: float) -> float:
+        return sum(allocation(threshold)[n] * sizes[n] for n in sizes) / total
+
+    # the pruned share is monotone in the threshold: bisect (on the log scale) to meet the target
+    values = np.concatenate(list(sorted_scores.values()))
+    low, high = float(values.min()) * 0.5 + 1e-300, float(values.max()) * 2 + 1e-300
+    for _ in range(100):
+        mid = float(np.sqrt(low * high))
+        if pruned(mid) < cfg.sparsity:
+            low = mid
+        else:
+            high = mid
+    return allocation(high)
 
 
 def weights_digest(model) -> str:
@@ -157,8 +175,6 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
 
     weights = {n: _matrix(m) for n, m in layers.items()}
     if cfg.allocation == "global" or cfg.method == "mp-global":
-        if pattern.kind == "nm":
-            raise FemtoccError("N:M fixes every group's sparsity; global allocation has nothing to allocate")
         targets = _global_sparsities(weights, cfg, pattern, hessians)
     else:
         targets = {n: cfg.sparsity for n in layers}

@@ -174,3 +174,23 @@ def test_three_backends_agree_on_real_speech(tiny, dev_utts):
     report = score(results["ir"], {t.id: t.hypothesis for t in results["torch"]})
     assert report["agreement_wer"] == 0.0 and report["identical_transcripts"] == 4
     assert report["wer"] < 30
+
+
+def test_whisper_base_multilingual_settings_and_generate(dev_utts):
+    import torch
+
+    from femtocc.decode import TorchBackend, transcribe
+    from femtocc.frontend.whisper import load_whisper
+
+    base = load_whisper("whisper-base")
+    tok = base.tokenizer
+    assert base.decode.multilingual and base.model.config.vocab_size == 51865
+    assert base.decode.prompt == tuple(tok.token_to_id(t) for t in ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"))
+    gc = base.generation_config()
+    assert gc.lang_to_id["<|en|>"] == tok.token_to_id("<|en|>") and gc.task_to_id["transcribe"] == tok.token_to_id("<|transcribe|>")
+    u = dev_utts[0]
+    ours = transcribe(base, TorchBackend(base), [u])[0]
+    f = base.feature_extractor()(u.audio(), sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        out = base.model.generate(f, generation_config=gc, language="en", task="transcribe")
+    assert base.text(out[0]) == ours.hypothesis

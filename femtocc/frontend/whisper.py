@@ -25,6 +25,7 @@ import numpy as np
 
 from femtocc.cache import atomic_dir, atomic_write, cache_root, sha256_files
 from femtocc.errors import FemtoccError
+from femtocc.frontend.ct2_format import read_model_bin
 
 CONVERTER_VERSION = 1
 
@@ -117,8 +118,9 @@ class WhisperBundle:
 
 
 def _is_language_token(token: str) -> bool:
+    """Whisper's language tokens are ``<|xx|>`` or ``<|xxx|>`` (``<|haw|>``, ``<|yue|>``)."""
     inner = token[2:-2] if token.startswith("<|") and token.endswith("|>") else ""
-    return 2 <= len(inner) <= 3 and inner.isalpha() and inner.islower() or inner == "haw"
+    return 2 <= len(inner) <= 3 and inner.isalpha() and inner.islower()
 
 
 def decode_settings(tokenizer, vocab_size: int, suppress, suppress_begin, max_target_positions: int):
@@ -306,12 +308,6 @@ def _convert_ct2(home: Path, weights: list[Path], out: Path, digest: str) -> Non
     model.save_pretrained(out)
     (out / "tokenizer.json").write_bytes((home / "tokenizer.json").read_bytes())
     _write_manifest(out, settings, digest, [str(w) for w in weights])
-
-
-def read_model_bin(weights):  # re-exported for tests and the converter
-    from femtocc.frontend.ct2_format import read_model_bin as _read
-
-    return _read(weights)
 
 
 def _write_manifest(folder: Path, settings: DecodeSettings, digest: str, sources: list[str], **extra):
