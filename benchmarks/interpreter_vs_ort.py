@@ -9,12 +9,8 @@ so the ratio is what this machine measured in one run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -28,8 +24,10 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+from common import write_result
+
+
 def main() -> int:
-    from femtocc.cache import atomic_write
     from femtocc.data import load_dataset
     from femtocc.decode import ort_runner
     from femtocc.frontend.onnx_export import export_whisper, load_onnx
@@ -71,16 +69,13 @@ def main() -> int:
         rows[name] = {"onnxruntime_s": t_ort, "ir_interpreter_s": t_ir, "ir_over_ort": t_ir / t_ort}
         print(f"{name:<24} onnxruntime {t_ort * 1000:8.2f} ms   IR interpreter {t_ir * 1000:8.2f} ms   ratio {t_ir / t_ort:6.2f}x")
     result = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
         "model": "whisper-tiny.en",
         "utterance": utt.id,
         "repeats": args.repeats,
         "timing": "best of repeats, one process, same inputs",
         "results": rows,
     }
-    with atomic_write(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -10,13 +10,14 @@ first N of the data folder: this measures time, not accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import tempfile
 import time
+
+
+from common import write_result
 
 
 def main() -> int:
@@ -33,7 +34,6 @@ def main() -> int:
     bundle = load_whisper("whisper-tiny.en")  # conversion cached; not part of the pruning time
     with tempfile.TemporaryDirectory() as fresh:
         os.environ["FEMTOCC_CACHE"] = fresh  # no cached transcripts: the cold run decodes them
-        from femtocc.cache import atomic_write
         from femtocc.data import load_dataset
         from femtocc.passes.prune import PruneConfig, prune_model
 
@@ -55,8 +55,6 @@ def main() -> int:
         os.environ["FEMTOCC_CACHE"] = model_cache
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "model": "whisper-tiny.en",
         "method": "obs unstructured",
         "calibration_utterances": len(utts),
@@ -64,8 +62,7 @@ def main() -> int:
         "runs": runs,
         "peak_rss_mib": round(peak_mib, 1),
     }
-    with atomic_write(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(args.out, result)
     print(f"peak RSS {peak_mib:.0f} MiB; wrote {args.out}")
     return 0
 

@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="transcribe speech with a backend and report WER",
                        description="Greedy-decode every utterance and report corpus WER (Whisper English "
-                                   "normalizer), the number of utterances that hit the token limit and, for "
-                                   "non-torch backends, agreement with the torch transcripts.")
+                                   "normalizer), the number of utterances that hit the token limit, and agreement "
+                                   "with the transcripts of the dense model (the model itself, or the one a "
+                                   "pruned model came from).")
     p.add_argument("model")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--json", help="where to write per-utterance results (default eval-MODEL-BACKEND.json)")

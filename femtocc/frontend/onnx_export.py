@@ -17,8 +17,6 @@ the exporter stores Linear weights transposed (``[in, out]``) under generated na
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import warnings
 from pathlib import Path
 
@@ -215,8 +213,6 @@ def export_whisper(bundle, out_dir: Path | None = None, progress=None) -> dict[s
     The cache key is the model's source digest plus this exporter's version; the export is
     deterministic, so the same model gives the same bytes.
     """
-    import onnx
-
     key = hashlib.sha256(f"{bundle.source_digest}:{EXPORTER_VERSION}:{OPSET}".encode()).hexdigest()[:16]
     folder = Path(out_dir) if out_dir else cache_root() / "onnx" / f"{bundle.name}-{key}"
     paths = {}

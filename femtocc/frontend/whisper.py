@@ -181,12 +181,7 @@ def ct2_to_hf_state(variables: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
     q, k, v = slice(0, d_model), slice(d_model, 2 * d_model), slice(2 * d_model, 3 * d_model)
     kv_k, kv_v = slice(0, d_model), slice(d_model, 2 * d_model)
 
-    for conv in ("conv1", "conv2"):
-        linear(f"model.encoder.{conv}", f"encoder/{conv}")
-    state["model.encoder.embed_positions.weight"] = get("encoder/position_encodings/encodings")
-    n_enc = count_layers("encoder")
-    for i in range(n_enc):
-        hf, ct = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
+    def self_attention_and_ffn(hf: str, ct: str):
         norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
         linear(f"{hf}.self_attn.q_proj", f"{ct}/self_attention/linear_0", q)
         linear(f"{hf}.self_attn.k_proj", f"{ct}/self_attention/linear_0", k, bias=False)
@@ -195,6 +190,13 @@ def ct2_to_hf_state(variables: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
         norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
         linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
         linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
+
+    for conv in ("conv1", "conv2"):
+        linear(f"model.encoder.{conv}", f"encoder/{conv}")
+    state["model.encoder.embed_positions.weight"] = get("encoder/position_encodings/encodings")
+    n_enc = count_layers("encoder")
+    for i in range(n_enc):
+        self_attention_and_ffn(f"model.encoder.layers.{i}", f"encoder/layer_{i}")
     norm("model.encoder.layer_norm", "encoder/layer_norm")
 
     state["model.decoder.embed_tokens.weight"] = get("decoder/embeddings/weight")
@@ -202,19 +204,12 @@ def ct2_to_hf_state(variables: dict[str, np.ndarray]) -> tuple[dict, dict[str, n
     n_dec = count_layers("decoder")
     for i in range(n_dec):
         hf, ct = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
-        linear(f"{hf}.self_attn.q_proj", f"{ct}/self_attention/linear_0", q)
-        linear(f"{hf}.self_attn.k_proj", f"{ct}/self_attention/linear_0", k, bias=False)
-        linear(f"{hf}.self_attn.v_proj", f"{ct}/self_attention/linear_0", v)
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
+        self_attention_and_ffn(hf, ct)
         norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
         linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
         linear(f"{hf}.encoder_attn.k_proj", f"{ct}/attention/linear_1", kv_k, bias=False)
         linear(f"{hf}.encoder_attn.v_proj", f"{ct}/attention/linear_1", kv_v)
         linear(f"{hf}.encoder_attn.out_proj", f"{ct}/attention/linear_2")
-        norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
-        linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
-        linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
     norm("model.decoder.layer_norm", "decoder/layer_norm")
 
     for flag, want in (("decoder/scale_embeddings", 0), ("decoder/pre_norm", 1)):
