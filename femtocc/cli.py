@@ -128,7 +128,7 @@ def cmd_eval(args) -> int:
 
     utts = _utterances(args)
     bundle = load_whisper(args.model)
-    backend = make_backend(bundle, args.backend, pipeline=args.pipeline)
+    backend = make_backend(bundle, args.backend, manager=_manager(args) if args.backend == "ir" else None)
     transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
     report = score(transcripts, dense_reference(bundle, utts))
     if bundle.metadata.get("pruning"):

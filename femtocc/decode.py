@@ -149,8 +149,9 @@ def ir_runner(graph) -> Runner:
     return Interpreter(graph).run
 
 
-def make_backend(bundle, kind: str, pipeline: str | None = None, progress=None, export_dir=None) -> Backend:
-    """``torch``, ``onnxruntime`` or ``ir`` (the IR interpreter, after ``pipeline``).
+def make_backend(bundle, kind: str, manager=None, progress=None, export_dir=None) -> Backend:
+    """``torch``, ``onnxruntime`` or ``ir`` (the IR interpreter, after the passes of ``manager``,
+    a :class:`~femtocc.passes.PassManager`; by default the standard pipeline).
 
     The ONNX graphs come from the export cache, or are written to ``export_dir`` when given.
     """
@@ -166,7 +167,7 @@ def make_backend(bundle, kind: str, pipeline: str | None = None, progress=None, 
         from femtocc.frontend.onnx_ir import import_onnx
         from femtocc.passes import DEFAULT_PIPELINE, PassManager
 
-        manager = PassManager.parse(pipeline if pipeline is not None else DEFAULT_PIPELINE)
+        manager = manager or PassManager.parse(DEFAULT_PIPELINE)
         graphs = {w: manager.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
         return GraphBackend(kind, {w: ir_runner(g) for w, g in graphs.items()}, bundle.config)
     raise FemtoccError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")

@@ -82,8 +82,11 @@ def test_import_show_and_eval(tmp_path, dev_data, tiny):
     assert result["utterances"][0]["hypothesis"].lower().startswith("you don't mean")
 
 
-def test_eval_dev_subset_ir_backend(tmp_path, dev_data, tiny):
+def test_eval_dev_subset_ir_backend(tmp_path, dev_data, tiny, capsys):
     out_json = tmp_path / "ir.json"
-    assert main(["eval", "whisper-tiny.en", "--data", str(dev_data), "--backend", "ir", "--limit", "2", "--quiet", "--json", str(out_json)]) == 0
+    assert main(["eval", "whisper-tiny.en", "--data", str(dev_data), "--backend", "ir", "--limit", "2", "--quiet",
+                 "--json", str(out_json), "--pipeline", "fold-gelu,fold-dense,dce", "--print-ir-after", "fold-gelu"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("// ----- IR after fold-gelu on @") == 3 and "IR after dce" not in err
     report = json.loads(out_json.read_text())["report"]
     assert report["identical_transcripts"] == 2 and report["hit_token_limit"] == 0
