@@ -89,6 +89,67 @@ def _features(bundle, audio):
     return extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
 
 
+def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utterance) -> None:
+    """Run each utterance through the encoder and the teacher-forced decoder, hooks recording.
+
+    Tokens: ``dense_tokens`` if given, else this model's cached transcript, else greedy decoding
+    with the hooks paused (then cached). ``on_utterance(seconds)`` runs before each utterance.
+    """
+    from tqdm import tqdm
+
+    from femtocc.decode import greedy_decode, token_limit, torch_graph_backend
+
+    model = bundle.model
+    backend = torch_graph_backend(bundle)
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # same math as eager, twice as fast on the encoder
+    try:
+        for u in tqdm(utts, desc="calibrate", unit="utt", disable=not progress, leave=False):
+            audio = u.audio()
+            seconds = len(audio) / SAMPLE_RATE
+            on_utterance(seconds)
+            session = backend.start(_features(bundle, audio))
+            cached = _token_cache(bundle, u)
+            if dense_tokens is not None:
+                tokens = dense_tokens[u.id]
+            elif cached.is_file():
+                tokens = json.loads(cached.read_text())
+            else:  # decode without recording, then record the teacher-forced pass
+                recording["on"] = False
+                tokens, _ = greedy_decode(session, bundle.decode, token_limit(seconds, bundle.decode))
+                recording["on"] = True
+                with atomic_write(cached, "w") as f:
+                    json.dump(tokens, f)
+                session = session.fresh()
+            session.step(list(bundle.decode.prompt) + list(tokens))
+    finally:
+        model.set_attn_implementation(attention)
+
+
+def collect_ranges(bundle, utts: list[Utterance], layers: dict | None = None, progress: bool = False) -> dict:
+    """Largest |input| and |output| each layer sees on ``utts``: static activation scales."""
+    layers = layers if layers is not None else prunable_layers(bundle.model)
+    ranges: dict[str, dict[str, float]] = {}
+    recording = {"on": True}
+
+    def hook(name):
+        def record(module, inputs, output):
+            if recording["on"]:
+                r = ranges.setdefault(name, {"input": 0.0, "output": 0.0})
+                r["input"] = max(r["input"], float(inputs[0].detach().abs().max()))
+                r["output"] = max(r["output"], float(output.detach().abs().max()))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    try:
+        _drive(bundle, utts, None, recording, progress, on_utterance=lambda seconds: None)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
 def collect_hessians(
     bundle, utts: list[Utterance], layers: dict | None = None, progress: bool = False,
     dense_tokens: dict[str, list[int]] | None = None, padding_stride: int = PADDING_STRIDE,
@@ -101,9 +162,6 @@ def collect_hessians(
     """
     import torch
     from torch import nn
-    from tqdm import tqdm
-
-    from femtocc.decode import greedy_decode, token_limit, torch_graph_backend
 
     model = bundle.model
     layers = layers if layers is not None else prunable_layers(model)
@@ -144,34 +202,16 @@ def collect_hessians(
 
         return accumulate
 
+    def new_utterance(seconds: float) -> None:
+        speech["seconds"] = seconds
+        shared.clear()
+
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    backend = torch_graph_backend(bundle)
-    attention = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")  # same math as eager, twice as fast on the encoder
     try:
-        for u in tqdm(utts, desc="calibrate", unit="utt", disable=not progress, leave=False):
-            audio = u.audio()
-            speech["seconds"] = len(audio) / SAMPLE_RATE
-            session = backend.start(_features(bundle, audio))
-            shared.clear()
-            cached = _token_cache(bundle, u)
-            if dense_tokens is None and cached.is_file():
-                tokens = json.loads(cached.read_text())
-            else:
-                tokens = dense_tokens[u.id] if dense_tokens is not None else None
-            if tokens is None:  # decode without recording, then record the teacher-forced pass
-                recording["on"] = False
-                tokens, _ = greedy_decode(session, bundle.decode, token_limit(speech["seconds"], bundle.decode))
-                recording["on"] = True
-                with atomic_write(cached, "w") as f:
-                    json.dump(tokens, f)
-                session = session.fresh()
-            session.step(list(bundle.decode.prompt) + list(tokens))
-            shared.clear()
+        _drive(bundle, utts, dense_tokens, recording, progress, new_utterance)
     finally:
         for h in handles:
             h.remove()
-        model.set_attn_implementation(attention)
     out = Hessians(utterances=len(utts))
     for name, s in sums.items():
         out.matrices[name] = (2.0 / rows[name]) * s.numpy()

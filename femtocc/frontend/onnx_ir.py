@@ -258,6 +258,8 @@ def export_onnx(g: Graph):
             continue
         from femtocc.ir.ops import OPS
 
+        if OPS[node.op].onnx is None:
+            raise FemtoccError(f"op {node.op} (node %{node.outputs[0].name}) has no ONNX form; run this graph with the IR interpreter")
         attrs = dict(node.attrs)
         if node.op == "cast":
             attrs["to"] = to_onnx[attrs["to"]]

@@ -10,15 +10,20 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 from femtocc.ir.core import DTYPES, Graph
-from femtocc.ir.ops import OPS
+from femtocc.ir.ops import OPS, qdense_fake
 
 
 class Interpreter:
-    def __init__(self, graph: Graph):
+    """``fake_quant=True`` runs ``qdense`` in float fake-quant form instead of integer form."""
+
+    def __init__(self, graph: Graph, fake_quant: bool = False):
         missing = [v.name for v in graph.constants.values() if v.data is None]
         if missing:
             raise FemtoccError(f"graph @{graph.name}: constants without data (weights file missing?): {missing[:3]}")
         self.graph = graph
+        self.impl = {name: d.run for name, d in OPS.items()}
+        if fake_quant:
+            self.impl["qdense"] = qdense_fake
         position = {id(n): i for i, n in enumerate(graph.nodes)}
         keep = {id(v) for v in graph.outputs}
         self._free_after: list[list[int]] = [[] for _ in graph.nodes]
@@ -42,7 +47,7 @@ class Interpreter:
                 raise FemtoccError(f"graph @{g.name}: input %{v.name} has shape {list(x.shape)}, expected {v.type}")
             env[id(v)] = x.astype(DTYPES[v.type.dtype], copy=False)
         for i, node in enumerate(g.nodes):
-            results = OPS[node.op].run([env[id(v)] for v in node.inputs], node.attrs)
+            results = self.impl[node.op]([env[id(v)] for v in node.inputs], node.attrs)
             for v, r in zip(node.outputs, results):
                 env[id(v)] = np.asarray(r)
             for dead in self._free_after[i]:
