@@ -65,7 +65,7 @@ def plot(rows, dense_wer, model, path: Path) -> None:
     ax.axhline(dense_wer + TOLERANCE, color="grey", linestyle=":", linewidth=1, label="dense + 1.0")
     ax.set_xlabel("sparsity of pruned layers (%)")
     ax.set_ylabel("WER (%)")
-    ax.set_ylim(0, max(60, dense_wer + 10))
+    ax.set_ylim(0, min(130, max(60, dense_wer + 10, *(r["wer"] + 5 for r in rows))))
     ax.set_title(f"{model}: WER vs sparsity (evaluation split)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -138,6 +138,12 @@ def sweep_model(model: str, args) -> dict:
     return best
 
 
+def replot(json_path: str) -> None:
+    """Redraw a sweep's plot from its JSON (no pruning or decoding)."""
+    summary = json.loads(Path(json_path).read_text())
+    plot(summary["rows"], summary["dense"]["wer"], summary["model"], Path(json_path).with_suffix(".png"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["whisper-tiny.en", "whisper-base"])
@@ -145,9 +151,13 @@ def main() -> int:
     ap.add_argument("--data", default="../shared/data/speech/dev")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier sweep")
     ap.add_argument("--grid", nargs="*", default=[], metavar="LABEL=S1,S2",
                     help="replace a grid line, e.g. obs-uniform=0.5,0.6,0.7 or 'mp-local=0.2,0.3'")
     args = ap.parse_args()
+    if args.replot:
+        replot(args.replot)
+        return 0
     for item in args.grid:
         name, _, values = item.partition("=")
         keys = [k for k in GRIDS if label(*k) == name]
