@@ -62,7 +62,7 @@ class PruneConfig:
         return pattern
 
 
-def _matrix(module) -> np.ndarray:
+def weight_matrix(module) -> np.ndarray:
     """A layer's weight as [out, in] (a conv's kernel flattened into its inputs)."""
     w = module.weight.detach().numpy()
     return w.reshape(w.shape[0], -1)
@@ -163,7 +163,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
         if not layers:
             raise FemtoccError(f"--layers {cfg.layers!r} matches no prunable layer")
     for name, module in layers.items():
-        pattern.check_shape(_matrix(module).shape, name)
+        pattern.check_shape(weight_matrix(module).shape, name)
 
     timings = {}
     t = time.perf_counter()
@@ -173,7 +173,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
         hessians = collect_hessians(pruned, calib, layers, progress) if calib else None
     timings["calibration_s"] = time.perf_counter() - t
 
-    weights = {n: _matrix(m) for n, m in layers.items()}
+    weights = {n: weight_matrix(m) for n, m in layers.items()}
     if cfg.allocation == "global" or cfg.method == "mp-global":
         targets = _global_sparsities(weights, cfg, pattern, hessians)
     else:
@@ -190,7 +190,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
             hessians.matrices.update(collect_hessians(pruned, calib, stage_layers, dense_tokens=tokens).matrices)
             timings["calibration_s"] += time.perf_counter() - t_cal
         for name in stage:
-            w = _matrix(layers[name])
+            w = weight_matrix(layers[name])
             if cfg.method == "obs":
                 r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block)
                 new, damping, error = r.weight, r.damping, r.error
