@@ -89,3 +89,21 @@ def test_quantize_errors(tmp_path):
         PassManager.parse(f"quantize{{ranges={bad}}}").run(g)
     with pytest.raises(FemtoccError, match="weight-bits must be 4 or 8"):
         PassManager.parse(f"quantize{{ranges={bad},weight-bits=3}}").run(g)
+
+
+def test_w8a16_on_real_tiny_en(tiny, dev_utts, tmp_path):
+    from femtocc.decode import make_backend, transcribe
+    from femtocc.passes import DEFAULT_PIPELINE
+    from femtocc.passes.calibrate import collect_ranges
+
+    ranges = collect_ranges(tiny, dev_utts[:2])
+    assert len(ranges) == 66 and all(r["input"] > 0 and r["output"] > 0 for r in ranges.values())
+    path = tmp_path / "ranges.json"
+    path.write_text(json.dumps(ranges))
+    manager = PassManager.parse(f"{DEFAULT_PIPELINE},quantize{{ranges={path}}}")
+    backend = make_backend(tiny, "ir", manager=manager)
+    assert sum(r.stats.get("quantized", 0) for r in manager.records) == 64  # every linear layer; convs stay float
+    utts = dev_utts[5:7]
+    quantized = transcribe(tiny, backend, utts)
+    floating = transcribe(tiny, make_backend(tiny, "ir"), utts)
+    assert [t.hypothesis for t in quantized] == [t.hypothesis for t in floating]
