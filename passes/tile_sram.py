@@ -1,0 +1,166 @@
+"""tile-sram: place every tensor of a graph in the target's SRAM, or stream it from external memory.
+
+Model (see docs/spu001.md): the two cores split every layer by output channels, so each core
+holds half of each activation and half of each weight (rounded up to whole 64-bit words).
+
+1. Symbolic dims are bound (``tokens`` for ``T``, ``cached`` for ``P``).
+2. Activations (graph inputs and node results; ``act-bytes`` per element) get addresses in each
+   core's SRAM by a linear scan over the node order with first-fit reuse of freed space
+   (liveness: from the defining node to the last use).
+3. Weights fill what the activation high-water mark and the reserved stream buffer leave,
+   largest first; a weight that does not fit is streamed from external memory in column tiles through a double buffer of
+   ``stream-buffer`` bytes per core, each byte read once per run (a tile stays resident while
+   all rows, e.g. all encoder frames, pass through it).
+
+Afterwards every weight of a ``dense``/``qdense``/``conv`` carries ``placement = {where:
+"sram"|"stream", bytes, address|tiles}``, and the pass statistics give the per-core high-water
+mark, resident and streamed bytes, and external bytes per run. An activation one row of which
+cannot be double-buffered in a core's SRAM is a compile error naming the value and the sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from femtocc.errors import FemtoccError
+from femtocc.ir import dims
+from femtocc.passes.manager import Pass, register
+
+WORD = 8  # bytes per SRAM word
+
+
+def _words(nbytes: int) -> int:
+    return -(-nbytes // WORD)
+
+
+def _bind(shape, binding: dict[str, int], name: str) -> int:
+    n = 1
+    for d in shape:
+        if isinstance(d, str):
+            terms = dims.parse(d)
+            if terms is None or any(k and k not in binding for k in terms):
+                raise FemtoccError(f"tile-sram: value %{name} has dim {d!r} that cannot be bound (known: {', '.join(binding)})")
+            d = sum(v * (binding[k] if k else 1) for k, v in terms.items())
+        n *= int(d)
+    return n
+
+
+def _weight_bytes(const) -> int:
+    layout = const.attrs.get("layout")
+    if layout:
+        return int(layout["bytes"])
+    bits = int(const.attrs.get("quant", {}).get("bits", 8))
+    return int(np.prod(const.data.shape)) * bits // 8
+
+
+class _Arena:
+    """First-fit allocator over one core's SRAM words; tracks the high-water mark."""
+
+    def __init__(self, words: int):
+        self.words, self.free, self.high = words, [(0, words)], 0
+
+    def alloc(self, size: int) -> int | None:
+        for i, (start, length) in enumerate(self.free):
+            if length >= size:
+                self.free[i] = (start + size, length - size)
+                self.high = max(self.high, start + size)
+                return start
+        return None
+
+    def release(self, start: int, size: int) -> None:
+        self.free.append((start, size))
+        self.free.sort()
+        merged = []
+        for s, n in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            elif n:
+                merged.append((s, n))
+        self.free = merged
+
+
+@register
+class TileSram(Pass):
+    name = "tile-sram"
+    target: str = ""
+    tokens: int = 1
+    cached: int = 448
+    act_bytes: int = 2
+    stream_buffer: int = 16384
+
+    def run(self, graph):
+        from femtocc.targets.spu001 import DEFAULT, load
+
+        target = load(self.target or DEFAULT)
+        cores = target.facts.cores
+        core_words = target.sram_bytes_per_core // WORD
+        binding = {"T": self.tokens, "P": self.cached}
+        weights = {id(n.inputs[1]): n.inputs[1] for n in graph.nodes
+                   if n.op in ("dense", "qdense", "conv") and n.inputs[1].is_constant}
+
+        # activations: linear scan with liveness
+        position = {id(n): i for i, n in enumerate(graph.nodes)}
+        last_use: dict[int, int] = {}
+        for v in list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]:
+            uses = [position[id(u)] for u in v.users]
+            last_use[id(v)] = len(graph.nodes) if v in graph.outputs else max(uses, default=-1)
+        buffer_words = 2 * _words(self.stream_buffer)  # double-buffered stream tile, reserved first
+        if buffer_words >= core_words:
+            raise FemtoccError(f"tile-sram: stream-buffer {self.stream_buffer} leaves no SRAM ({core_words * WORD} bytes per core)")
+        arena = _Arena(core_words - buffer_words)
+        live: dict[int, tuple[int, int]] = {}
+        external_acts = {"bytes": 0, "values": 0}
+
+        def place(v):
+            elements = _bind(v.type.shape, binding, v.name)
+            size = _words(-(-elements * self.act_bytes // cores))
+            start = arena.alloc(size) if size <= arena.words // 2 else None
+            if start is None:
+                # too large, or no room beside what is live: written to external memory and read
+                # back in row tiles
+                row = _words(-(-_bind(v.type.shape[-1:], binding, v.name) * self.act_bytes // cores))
+                if 2 * row > core_words:
+                    raise FemtoccError(
+                        f"tile-sram: activation %{v.name} ({v.type}): one row needs {row * WORD} bytes per core, "
+                        f"double-buffered that exceeds the {core_words * WORD} bytes of SRAM"
+                    )
+                external_acts["bytes"] += elements * self.act_bytes * (1 + len(v.users))
+                external_acts["values"] += 1
+                return
+            live[id(v)] = (start, size)
+
+        for v in graph.inputs:
+            place(v)
+        for i, node in enumerate(graph.nodes):
+            for v in node.outputs:
+                place(v)
+            for v in {id(x): x for x in node.inputs + node.outputs}.values():
+                if id(v) in live and last_use.get(id(v), -1) <= i and v not in graph.outputs:
+                    arena.release(*live.pop(id(v)))
+        act_high = arena.high
+
+        # weights: largest first into what activations leave; the rest streams in column tiles
+        free_words = core_words - act_high
+        resident = streamed = 0
+        address = act_high
+        budget = free_words - buffer_words
+        for const in sorted(weights.values(), key=lambda c: -_weight_bytes(c)):
+            total = _weight_bytes(const)
+            per_core = _words(-(-total // cores))
+            if per_core <= budget:
+                const.attrs["placement"] = {"where": "sram", "bytes": total, "address": address * WORD}
+                address += per_core
+                budget -= per_core
+                resident += total
+            else:
+                tiles = -(-per_core // _words(self.stream_buffer))
+                const.attrs["placement"] = {"where": "stream", "bytes": total, "tiles": tiles}
+                streamed += total
+        return {
+            "act-high-water-bytes-per-core": act_high * WORD,
+            "high-water-bytes-per-core": (address + (buffer_words if streamed else 0)) * WORD,
+            "resident-weight-bytes": resident,
+            "streamed-weight-bytes": streamed,
+            "streamed-activations": external_acts["values"],
+            "external-bytes-per-run": streamed + external_acts["bytes"],
+        }
