@@ -29,21 +29,18 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 from femtocc.ir.core import TensorType
+from femtocc.ir.ops import qmax
 from femtocc.passes.manager import Pass, register
 from femtocc.passes.patterns import replace_result
 
 MULTIPLIER_BITS = 24  # acc (< 2**34 for K <= 4096) * M stays below 2**63
 
 
-def _qmax(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
-
-
 def quantize_weight(w_in_out: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-output-channel symmetric quantization of a [in, out] weight: (int8 values, scales)."""
     peak = np.abs(w_in_out).max(axis=0).astype(np.float64)
-    scale = np.where(peak > 0, peak / _qmax(bits), 1.0)
-    q = np.clip(np.rint(w_in_out / scale[None, :]), -_qmax(bits), _qmax(bits)).astype(np.int8)
+    scale = np.where(peak > 0, peak / qmax(bits), 1.0)
+    q = np.clip(np.rint(w_in_out / scale[None, :]), -qmax(bits), qmax(bits)).astype(np.int8)
     return q, scale.astype(np.float32)
 
 
@@ -84,7 +81,7 @@ class Quantize(Pass):
             raise FemtoccError("quantize needs calibrated ranges: quantize{ranges=PATH}")
         ranges = load_ranges(self.ranges)
         done = 0
-        qa = _qmax(self.act_bits)
+        qa = qmax(self.act_bits)
         for node in [n for n in graph.nodes if n.op == "dense"]:
             r = ranges.get(node.meta.get("scope", ""))
             w = node.inputs[1]

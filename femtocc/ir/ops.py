@@ -533,7 +533,7 @@ def _(t, a, c):
 # the float scales, so the same node can run as float fake-quant (see ``qdense_fake``).
 
 
-def _qmax(bits: int) -> int:
+def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
@@ -543,7 +543,7 @@ def _qdtype(bits: int) -> str:
 
 @op("quantize", None)
 def _quantize(xs, attrs):
-    q = np.clip(np.rint(xs[0] / np.float32(attrs["scale"])), -_qmax(attrs["bits"]), _qmax(attrs["bits"]))
+    q = np.clip(np.rint(xs[0] / np.float32(attrs["scale"])), -qmax(attrs["bits"]), qmax(attrs["bits"]))
     return [q.astype(DTYPES[_qdtype(attrs["bits"])])]
 
 
@@ -576,7 +576,7 @@ def _qdense(xs, attrs):
     acc = np.matmul(x.astype(np.float64), w.astype(np.float64)).astype(np.int64) + bias
     shift = attrs["shift"]
     y = (acc * mult + (1 << (shift - 1))) >> shift
-    q = _qmax(attrs["bits"])
+    q = qmax(attrs["bits"])
     return [np.clip(y, -q, q).astype(DTYPES[_qdtype(attrs["bits"])])]
 
 
@@ -592,7 +592,7 @@ def qdense_fake(xs, attrs):
     sx, sy = np.float32(attrs["x_scale"]), np.float32(attrs["y_scale"])
     wf = w.astype(np.float32) * w_scale[None, :]
     y = np.matmul(x.astype(np.float32) * sx, wf) + bias.astype(np.float32) * sx * w_scale
-    q = _qmax(attrs["bits"])
+    q = qmax(attrs["bits"])
     return [np.clip(np.rint(y / sy), -q, q).astype(DTYPES[_qdtype(attrs["bits"])])]
 
 
