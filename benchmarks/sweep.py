@@ -97,7 +97,8 @@ def sweep_model(model: str, args) -> dict:
           f"calibration on {len(calib)} utterances took {calib_s:.0f} s", flush=True)
     out = Path(args.out)
     rows: list[dict] = []
-    grids = {k: v for k, v in GRIDS.items() if not args.methods or k[0] in args.methods}
+    grids = {k: v for k, v in GRIDS.items()
+             if (not args.methods or k[0] in args.methods) and (not args.only or label(*k) in args.only)}
     for (method, allocation, pattern), sparsities in grids.items():
         for s in sparsities:
             cfg = PruneConfig(method=method, sparsity=s, pattern=pattern, allocation=allocation)
@@ -151,6 +152,7 @@ def main() -> int:
     ap.add_argument("--data", default="../shared/data/speech/dev")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", nargs="*", default=None, metavar="LABEL", help="run only these grid lines, e.g. obs-uniform")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier sweep")
     ap.add_argument("--grid", nargs="*", default=[], metavar="LABEL=S1,S2",
                     help="replace a grid line, e.g. obs-uniform=0.5,0.6,0.7 or 'mp-local=0.2,0.3'")
