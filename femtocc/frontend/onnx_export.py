@@ -26,7 +26,7 @@ from femtocc.cache import atomic_write, cache_root
 from femtocc.errors import FemtoccError
 
 OPSET = 18
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2
 GRAPH_NAMES = ("encoder", "cross_kv", "decoder_step")
 
 
@@ -168,9 +168,24 @@ def export_graph(bundle, which: str):
         )
     model = program.model_proto
     _rename_initializers(model, module)
+    _strip_provenance(model)
     model.graph.name = which
     onnx.checker.check_model(model)
     return model
+
+
+KEPT_METADATA = ("pkg.torch.onnx.name_scopes",)  # the module path each node came from
+
+
+def _strip_provenance(model) -> None:
+    """Drop per-node stack traces and FX dumps: they hold source paths and line numbers, so
+    the same model would export to different bytes from different checkouts."""
+    for node in model.graph.node:
+        kept = [(p.key, p.value) for p in node.metadata_props if p.key in KEPT_METADATA]
+        del node.metadata_props[:]
+        for key, value in kept:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = key, value
 
 
 def _rename_initializers(model, module) -> None:
@@ -211,7 +226,8 @@ def export_whisper(bundle, out_dir: Path | None = None, progress=None) -> dict[s
     """Export (or fetch from the cache) the three graphs; returns their paths.
 
     The cache key is the model's source digest plus this exporter's version; the export is
-    deterministic, so the same model gives the same bytes.
+    deterministic (stack traces and other source paths are stripped), so the same model gives
+    the same bytes from any checkout.
     """
     key = hashlib.sha256(f"{bundle.source_digest}:{EXPORTER_VERSION}:{OPSET}".encode()).hexdigest()[:16]
     folder = Path(out_dir) if out_dir else cache_root() / "onnx" / f"{bundle.name}-{key}"
