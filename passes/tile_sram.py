@@ -25,6 +25,7 @@ import numpy as np
 from femtocc.errors import FemtoccError
 from femtocc.ir import dims
 from femtocc.passes.manager import Pass, register
+from femtocc.passes.select_layout import weight_bits
 
 WORD = 8  # bytes per SRAM word
 
@@ -46,11 +47,11 @@ def _bind(shape, binding: dict[str, int], name: str) -> int:
 
 
 def _weight_bytes(const) -> int:
+    """Bytes as select-layout stored the weight, else dense at the weight's own bit width."""
     layout = const.attrs.get("layout")
     if layout:
         return int(layout["bytes"])
-    bits = int(const.attrs.get("quant", {}).get("bits", 8))
-    return int(np.prod(const.data.shape)) * bits // 8
+    return int(np.prod(const.data.shape)) * weight_bits(const) // 8
 
 
 class _Arena:
@@ -144,8 +145,9 @@ class TileSram(Pass):
         resident = streamed = 0
         address = act_high
         budget = free_words - buffer_words
-        for const in sorted(weights.values(), key=lambda c: -_weight_bytes(c)):
-            total = _weight_bytes(const)
+        sizes = {id(c): _weight_bytes(c) for c in weights.values()}
+        for const in sorted(weights.values(), key=lambda c: -sizes[id(c)]):
+            total = sizes[id(const)]
             per_core = _words(-(-total // cores))
             if per_core <= budget:
                 const.attrs["placement"] = {"where": "sram", "bytes": total, "address": address * WORD}
