@@ -90,6 +90,11 @@ def cmd_show(args) -> int:
     path = Path(args.file)
     if not path.exists():
         raise FemtoccError(f"{path}: no such file")
+    if path.suffix == ".spu":
+        from femtocc.runtime.reference import load_program
+
+        sys.stdout.write(load_program(path).disassemble())
+        return 0
     graph = load_graph(path)
     if args.pipeline:
         _manager(args).run(graph)
@@ -185,6 +190,45 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    from femtocc.compile import CompileOptions, compile_model, print_report
+
+    opts = CompileOptions(
+        model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
+        sparsity=args.sparsity, pattern=args.pattern, quant=args.quant, calib=args.calib, calib_limit=args.calib_limit,
+        range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
+        progress=not args.quiet, log=sys.stderr,
+    )
+    if args.target != "spu001":
+        raise FemtoccError(f"--target {args.target!r}: the only target is spu001 (a variant is --target-file FILE.toml)")
+    report = compile_model(opts)
+    print_report(report, sys.stdout)
+    print(f"wrote {args.output}/ (encoder.spu, cross_kv.spu, decoder_step.spu, build.json, report.json, report.png) "
+          f"in {report['stages_s']['total']:.1f} s")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from femtocc.cache import atomic_write
+    from femtocc.decode import GraphBackend, build_runners, score, transcribe
+    from femtocc.frontend.whisper import load_whisper
+
+    runners, manifest = build_runners(args.build, args.runtime)
+    bundle = load_whisper(manifest["model"])
+    backend = GraphBackend(f"spu001-{args.runtime}", runners, bundle.config)
+    utts = _utterances(args)
+    transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
+    report = score(transcripts, dense_reference(bundle, utts))
+    report["build"] = {k: manifest[k] for k in ("model", "target", "quant", "pruning")}
+    _print_report([(args.runtime, report)])
+    json_path = Path(args.json or Path(args.build) / f"run-{args.runtime}.json")
+    with atomic_write(json_path, "w") as f:
+        json.dump({"build": str(args.build), "runtime": args.runtime, "data": str(args.data), "split": args.split,
+                   "report": report, "utterances": [t.__dict__ for t in transcripts]}, f, indent=1, default=str)
+    print(f"wrote {json_path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -251,6 +295,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="print the per-layer table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("compile", help="compile a model for spu001: prune, quantize, layout, tile, codegen",
+                       description="The whole pipeline: optional pruning, integer quantization with calibrated scales, "
+                                   "sparse layout selection, SRAM tiling, and code generation of three programs "
+                                   "(encoder, cross K/V, decoder step). Writes the build folder and a report "
+                                   "(terminal table, report.json, report.png).")
+    p.add_argument("model")
+    p.add_argument("--target", default="spu001", help="target name (spu001)")
+    p.add_argument("--target-file", default=None, help="a target description TOML (a variant of spu001)")
+    p.add_argument("--method", choices=METHODS, default=None, help="prune with this method first (default: no pruning)")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default="pencil8", help="pruning pattern (default pencil8, the SPU's native sparsity)")
+    from femtocc.compile import QUANT
+
+    p.add_argument("--quant", choices=tuple(QUANT), default="w8a16")
+    p.add_argument("--calib", default=DEFAULT_DATA, help="calibration speech (its speaker-disjoint calibration part is used)")
+    p.add_argument("--calib-limit", type=int, default=32, help="calibration utterances (default 32)")
+    p.add_argument("--range-limit", type=int, default=None, help="of those, how many set activation ranges (default all)")
+    p.add_argument("-o", "--output", required=True, help="build folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every target pass")
+    p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS", help="print the IR after PASS (repeatable)")
+    p.set_defaults(func=cmd_compile)
+
+    from femtocc.decode import RUNTIMES
+
+    p = sub.add_parser("run", help="transcribe speech with a compiled build and report WER",
+                       description="Run the build's programs on a runtime, greedy-decode every utterance, and report "
+                                   "WER and agreement with the dense float model's transcripts.")
+    p.add_argument("build")
+    p.add_argument("--runtime", choices=RUNTIMES, default="reference")
+    p.add_argument("--json", help="where to write per-utterance results (default BUILD/run-RUNTIME.json)")
+    p.add_argument("--quiet", action="store_true")
+    _data_args(p)
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -173,6 +173,29 @@ def make_backend(bundle, kind: str, manager=None, progress=None, export_dir=None
     raise FemtoccError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
 
 
+RUNTIMES = ("reference",)
+
+
+def build_runners(build_dir, runtime: str = "reference") -> tuple[dict[str, Runner], dict]:
+    """Runners for the programs of a ``femtocc compile`` build on ``runtime``, and its manifest."""
+    import json
+    from pathlib import Path
+
+    from femtocc.frontend.onnx_export import GRAPH_NAMES
+
+    build = Path(build_dir)
+    manifest_path = build / "build.json"
+    if not manifest_path.is_file():
+        raise FemtoccError(f"{build}: not a femtocc build (no build.json); create one with femtocc compile")
+    manifest = json.loads(manifest_path.read_text())
+    if runtime not in RUNTIMES:
+        raise FemtoccError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    from femtocc.runtime.reference import ReferenceRuntime, load_program
+
+    runners = {w: ReferenceRuntime(load_program(build / manifest["programs"][w])).runner() for w in GRAPH_NAMES}
+    return runners, manifest
+
+
 # ----------------------------------------------------------------------------- decoding
 
 

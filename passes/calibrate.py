@@ -217,3 +217,62 @@ def collect_hessians(
         out.matrices[name] = (2.0 / rows[name]) * s.numpy()
         out.rows[name] = rows[name]
     return out
+
+
+# ----------------------------------------------------------------------------- activation ranges
+
+
+def range_key(graph, value) -> str:
+    """Where a value's range is stored: graph inputs and outputs by bare name, so the values that
+    flow between the three graphs (``encoder_hidden_states``, ``cross_k.0``) share one scale; a KV
+    cache input ``past_k.0`` and output ``present_k.0`` are one tensor across steps. Everything
+    else is ``graph:value``."""
+    if value in graph.inputs or value in graph.outputs:
+        return value.name.replace("past_", "present_")
+    return f"{graph.name}:{value.name}"
+
+
+class RangeRecorder:
+    """Largest |x| of every float value over the runs of :meth:`runner` (keys: :func:`range_key`)."""
+
+    def __init__(self):
+        self.ranges: dict[str, float] = {}
+
+    def runner(self, graph):
+        """A runner for ``graph`` (IR interpreter) that records as it goes."""
+        from femtocc.ir import Interpreter
+
+        interp = Interpreter(graph)
+
+        def observe(value, array):
+            if array.dtype.kind == "f" and array.size:
+                key = range_key(graph, value)
+                self.ranges[key] = max(self.ranges.get(key, 0.0), float(np.abs(array).max()))
+
+        def run(feeds):
+            for v in graph.inputs:
+                observe(v, np.asarray(feeds[v.name]))
+            return interp.run(feeds, observe=observe)
+
+        return run
+
+
+def collect_value_ranges(graphs: dict, bundle, utts: list[Utterance], progress: bool = False,
+                         tokens: dict[str, list[int]] | None = None) -> dict[str, float]:
+    """Largest |x| of every float value of the IR graphs (encoder, cross_kv, decoder_step) on ``utts``.
+
+    The graphs run in the IR interpreter; the decoder step is teacher-forced on the model's
+    greedy transcript of each utterance (one step over prompt + tokens, so the KV-cache inputs
+    are empty and every position is seen once), or on ``tokens`` when given (the dense model's).
+    """
+    from tqdm import tqdm
+
+    from femtocc.decode import GraphBackend
+
+    recorder = RangeRecorder()
+    tokens = tokens if tokens is not None else dense_transcripts(bundle, utts)
+    backend = GraphBackend("calibrate", {w: recorder.runner(g) for w, g in graphs.items()}, bundle.config)
+    for u in tqdm(utts, desc="ranges", unit="utt", disable=not progress, leave=False):
+        session = backend.start(_features(bundle, u.audio()))
+        session.step(list(bundle.decode.prompt) + list(tokens[u.id]))
+    return dict(sorted(recorder.ranges.items()))

@@ -16,6 +16,13 @@ Afterwards every weight of a ``dense``/``qdense``/``conv`` carries ``placement =
 "sram"|"stream", bytes, address|tiles}``, and the pass statistics give the per-core high-water
 mark, resident and streamed bytes, and external bytes per run. An activation one row of which
 cannot be double-buffered in a core's SRAM is a compile error naming the value and the sizes.
+
+Locality scheduling of attention: a chain ``qmatmul -> [where] -> qsoftmax -> qmatmul`` whose
+intermediates have no other users runs in tiles of query rows (one head at a time per core), so
+the score and probability matrices never exist whole: each lives in a row-tile scratch of
+``rows x keys`` elements and moves no external bytes. The chain's nodes get ``tile_rows``; code
+generation passes it on to the instruction stream. Every activation gets ``placement = {where:
+"sram"|"external"|"tile", address, bytes}`` (bytes per core for SRAM).
 """
 
 from __future__ import annotations
@@ -110,12 +117,16 @@ class TileSram(Pass):
             raise FemtoccError(f"tile-sram: stream-buffer {self.stream_buffer} leaves no SRAM ({core_words * WORD} bytes per core)")
         arena = _Arena(core_words - buffer_words)
         live: dict[int, tuple[int, int]] = {}
-        external_acts = {"bytes": 0, "values": 0}
+        external_acts = {"bytes": 0, "values": 0, "next": 0}
+        tiled = self._tile_attention(graph, binding, core_words)
 
         def place(v):
             elements = _bind(v.type.shape, binding, v.name)
             size = _words(-(-elements * self.act_bytes // cores))
-            start = arena.alloc(size) if size <= arena.words // 2 else None
+            if id(v) in tiled:  # one head's row tile per core
+                elements = tiled[id(v)] * _bind(v.type.shape[-1:], binding, v.name)
+                size = _words(elements * self.act_bytes)
+            start = arena.alloc(size) if size <= arena.words // 2 or id(v) in tiled else None
             if start is None:
                 # too large, or no room beside what is live: written to external memory and read
                 # back in row tiles
@@ -127,8 +138,11 @@ class TileSram(Pass):
                     )
                 external_acts["bytes"] += elements * self.act_bytes * (1 + len(v.users))
                 external_acts["values"] += 1
+                v.attrs["placement"] = {"where": "external", "address": external_acts["next"], "bytes": elements * self.act_bytes}
+                external_acts["next"] += _words(elements * self.act_bytes) * WORD
                 return
             live[id(v)] = (start, size)
+            v.attrs["placement"] = {"where": "tile" if id(v) in tiled else "sram", "address": start * WORD, "bytes": size * WORD}
 
         for v in graph.inputs:
             place(v)
@@ -159,10 +173,37 @@ class TileSram(Pass):
                 const.attrs["placement"] = {"where": "stream", "bytes": total, "tiles": tiles}
                 streamed += total
         return {
+            "attention-chains-tiled": sum(1 for n in graph.nodes if n.op in ("qsoftmax", "softmax") and n.attrs.get("tile_rows")),
             "act-high-water-bytes-per-core": act_high * WORD,
             "high-water-bytes-per-core": (address + (buffer_words if streamed else 0)) * WORD,
             "resident-weight-bytes": resident,
             "streamed-weight-bytes": streamed,
             "streamed-activations": external_acts["values"],
             "external-bytes-per-run": streamed + external_acts["bytes"],
+            "external-activation-bytes": external_acts["next"],
         }
+
+    def _tile_attention(self, graph, binding, core_words) -> dict[int, int]:
+        """Find attention chains, mark their nodes with ``tile_rows``; id(value) -> rows kept."""
+        tiled: dict[int, int] = {}
+        for first in graph.nodes:
+            if first.op not in ("qmatmul", "matmul") or len(first.outputs[0].users) != 1:
+                continue
+            chain, v = [first], first.outputs[0]
+            while len(v.users) == 1 and v.users[0].op in ("where", "qsoftmax", "softmax") and len(chain) < 3:
+                chain.append(v.users[0])
+                v = v.users[0].outputs[0]
+            if chain[-1].op not in ("qsoftmax", "softmax") or len(v.users) != 1 or v.users[0].op not in ("qmatmul", "matmul"):
+                continue
+            chain.append(v.users[0])
+            keys = _bind(first.outputs[0].type.shape[-1:], binding, first.outputs[0].name)
+            rows = _bind(first.outputs[0].type.shape[-2:-1], binding, first.outputs[0].name)
+            tile = 64
+            while tile > 1 and 3 * tile * keys * self.act_bytes > core_words * WORD // 4:
+                tile //= 2
+            tile = min(tile, rows)
+            for node in chain:
+                node.attrs["tile_rows"] = tile
+            for node in chain[:-1]:
+                tiled[id(node.outputs[0])] = tile
+        return tiled

@@ -10,11 +10,15 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 from femtocc.ir.core import DTYPES, Graph
-from femtocc.ir.ops import OPS, qdense_fake
+from femtocc.ir.ops import OPS
+from femtocc.ir.qops import FAKE
 
 
 class Interpreter:
-    """``fake_quant=True`` runs ``qdense`` in float fake-quant form instead of integer form."""
+    """``fake_quant=True`` runs the integer ops in their float fake-quant form (:data:`~femtocc.ir.qops.FAKE`).
+
+    ``run(feeds, observe=f)`` calls ``f(value, array)`` for every node result (calibration).
+    """
 
     def __init__(self, graph: Graph, fake_quant: bool = False):
         missing = [v.name for v in graph.constants.values() if v.data is None]
@@ -23,7 +27,7 @@ class Interpreter:
         self.graph = graph
         self.impl = {name: d.run for name, d in OPS.items()}
         if fake_quant:
-            self.impl["qdense"] = qdense_fake
+            self.impl.update(FAKE)
         position = {id(n): i for i, n in enumerate(graph.nodes)}
         keep = {id(v) for v in graph.outputs}
         self._free_after: list[list[int]] = [[] for _ in graph.nodes]
@@ -34,7 +38,7 @@ class Interpreter:
                 last = max(position[id(u)] for u in v.users)
                 self._free_after[last].append(id(v))
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], observe=None) -> dict[str, np.ndarray]:
         g = self.graph
         env: dict[int, np.ndarray] = {id(v): v.data for v in g.constants.values()}
         for v in g.inputs:
@@ -50,6 +54,8 @@ class Interpreter:
             results = self.impl[node.op]([env[id(v)] for v in node.inputs], node.attrs)
             for v, r in zip(node.outputs, results):
                 env[id(v)] = np.asarray(r)
+                if observe is not None:
+                    observe(v, env[id(v)])
             for dead in self._free_after[i]:
                 del env[dead]
         return {v.name: env[id(v)] for v in g.outputs}

@@ -9,7 +9,8 @@ femtocc's own ops, created by canonicalization passes:
 * ``gelu(x)``: exact GELU, ``x * 0.5 * (1 + erf(x / sqrt(2)))``.
 * ``dense(x, w[, b])``: ``x @ w + b`` with ``w`` stored ``[in, out]``: the op that pruning and
   quantization act on.
-* ``quantize``, ``dequantize``, ``qdense``: symmetric integer quantization (see below).
+* the integer ops of the quantized IR (``quantize``, ``qdense``, ``qsoftmax``, ...) live in
+  :mod:`femtocc.ir.qops`; they register into the same table.
 """
 
 from __future__ import annotations
@@ -273,6 +274,36 @@ def _(t, a, c):
     return [TensorType(x.dtype, (x.shape[0], w.shape[0], length))]
 
 
+@op("im2col", None)
+def _im2col(xs, attrs):
+    """``[N, C, L]`` -> ``[N, L_out, C * K]`` (kernel index fastest): a 1-D convolution's input
+    rows, so that ``conv(x, W) == transpose(im2col(x) @ W.reshape(out, C * K).T)``."""
+    x = xs[0]
+    k, stride, dilation = attrs["kernel"], attrs.get("stride", 1), attrs.get("dilation", 1)
+    pad_lo, pad_hi = attrs.get("pads", [0, 0])
+    n, c, length = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad_lo, pad_hi)))
+    out_len = (length + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
+    idx = np.arange(out_len)[:, None] * stride + np.arange(k)[None, :] * dilation
+    return [np.ascontiguousarray(xp[:, :, idx].transpose(0, 2, 1, 3).reshape(n, out_len, c * k))]
+
+
+@_im2col.infer
+def _(t, a, c):
+    x = t[0]
+    if x.rank != 3:
+        raise OpError(f"im2col takes [N, C, L], got {x}")
+    k, stride, dilation = a["kernel"], a.get("stride", 1), a.get("dilation", 1)
+    pads = a.get("pads", [0, 0])
+    length = x.shape[2]
+    if isinstance(length, int):
+        length = (length + pads[0] + pads[1] - dilation * (k - 1) - 1) // stride + 1
+    elif stride != 1 or pads[0] + pads[1] != dilation * (k - 1):
+        length = dims.UNKNOWN
+    channels = x.shape[1] * k if isinstance(x.shape[1], int) else dims.UNKNOWN
+    return [TensorType(x.dtype, (x.shape[0], length, channels))]
+
+
 # ----------------------------------------------------------------------------- shape ops
 
 
@@ -523,79 +554,6 @@ def _(t, a, c):
     return [TensorType(a.get("dtype", "f32"), shape)]
 
 
-# ----------------------------------------------------------------------------- quantization
-#
-# Symmetric, zero point 0. ``quantize`` rounds half to even and saturates to the signed range of
-# ``bits``. ``qdense`` is an integer dense layer: int16/int8 activations times int8/int4 weights
-# accumulate exactly (products are summed in float64, exact below 2**53), the int32 bias is added,
-# and each output channel is requantized by an integer multiplier and a right shift with
-# round-half-up: ``y = clip((acc * M[c] + 2**(shift-1)) >> shift)``. Its attributes also carry
-# the float scales, so the same node can run as float fake-quant (see ``qdense_fake``).
-
-
-def qmax(bits: int) -> int:
-    return (1 << (bits - 1)) - 1
-
-
-def _qdtype(bits: int) -> str:
-    return "i8" if bits <= 8 else "i16"
-
-
-@op("quantize", None)
-def _quantize(xs, attrs):
-    q = np.clip(np.rint(xs[0] / np.float32(attrs["scale"])), -qmax(attrs["bits"]), qmax(attrs["bits"]))
-    return [q.astype(DTYPES[_qdtype(attrs["bits"])])]
-
-
-@_quantize.infer
-def _(t, a, c):
-    return [TensorType(_qdtype(a["bits"]), t[0].shape)]
-
-
-@op("dequantize", None)
-def _dequantize(xs, attrs):
-    return [(xs[0].astype(np.float32) * np.float32(attrs["scale"])).astype(np.float32)]
-
-
-@_dequantize.infer
-def _(t, a, c):
-    return [TensorType("f32", t[0].shape)]
-
-
-def _qdense_check(t):
-    x, w, b, m, s = t
-    if w.rank != 2 or not dims.compatible(x.shape[-1], w.shape[0]):
-        raise OpError(f"qdense input {x} does not match weight {w} ([in, out])")
-    if x.dtype not in ("i8", "i16") or w.dtype != "i8" or b.dtype != "i64" or m.dtype != "i64" or s.dtype != "f32":
-        raise OpError(f"qdense takes i8/i16 input, i8 weight, i64 bias and multiplier, f32 weight scales; got {x}, {w}, {b}, {m}, {s}")
-
-
-@op("qdense", None, (5, 5))
-def _qdense(xs, attrs):
-    x, w, bias, mult, _ = xs
-    acc = np.matmul(x.astype(np.float64), w.astype(np.float64)).astype(np.int64) + bias
-    shift = attrs["shift"]
-    y = (acc * mult + (1 << (shift - 1))) >> shift
-    q = qmax(attrs["bits"])
-    return [np.clip(y, -q, q).astype(DTYPES[_qdtype(attrs["bits"])])]
-
-
-@_qdense.infer
-def _(t, a, c):
-    _qdense_check(t)
-    return [TensorType(_qdtype(a["bits"]), (*t[0].shape[:-1], t[1].shape[1]))]
-
-
-def qdense_fake(xs, attrs):
-    """Float fake-quant semantics of ``qdense``: dequantize, float dense, quantize the result."""
-    x, w, bias, _, w_scale = xs
-    sx, sy = np.float32(attrs["x_scale"]), np.float32(attrs["y_scale"])
-    wf = w.astype(np.float32) * w_scale[None, :]
-    y = np.matmul(x.astype(np.float32) * sx, wf) + bias.astype(np.float32) * sx * w_scale
-    q = qmax(attrs["bits"])
-    return [np.clip(np.rint(y / sy), -q, q).astype(DTYPES[_qdtype(attrs["bits"])])]
-
-
 def infer_types(op_name: str, types: list[TensorType], attrs: dict, consts: Consts) -> list[TensorType]:
     if op_name not in OPS:
         raise OpError(f"unknown op {op_name!r}")
@@ -605,5 +563,7 @@ def infer_types(op_name: str, types: list[TensorType], attrs: dict, consts: Cons
         raise OpError(f"{op_name} takes {lo}..{hi} inputs, got {len(types)}")
     return d.infer(types, attrs, consts)
 
+
+from femtocc.ir.qops import qmax  # noqa: E402,F401  (registers the integer ops; qmax is used widely)
 
 ONNX_TO_OP = {d.onnx: name for name, d in OPS.items() if d.onnx}

@@ -1,0 +1,289 @@
+"""The compile driver: Whisper -> three spu001 programs (encoder, cross K/V, decoder step) and a report.
+
+Stages, each timed:
+
+1. ``load``: the model and the calibration utterances;
+2. ``prune`` (optional): OBS or magnitude pruning of every linear / conv layer (Hessians from the
+   calibration utterances);
+3. ``import``: the float graphs (the cached ONNX export of the dense model, imported, the float
+   pipeline run) with the pruned weights put in place by module path;
+4. ``ranges``: the largest |x| of every activation on calibration speech (IR interpreter);
+5. ``quantize``, ``layout``, ``tile``: the target passes;
+6. ``codegen``: the programs, written atomically with ``build.json`` (manifest and report).
+
+``BUILD/`` then holds ``encoder.spu``, ``cross_kv.spu``, ``decoder_step.spu``, ``build.json``,
+``report.json`` and ``report.png``; ``femtocc run BUILD`` transcribes with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from femtocc.errors import FemtoccError
+
+FLOAT_PIPELINE = "canonicalize,fold-gelu,fold-dense,lower-conv,dce,annotate-sparsity"
+QUANT = {"w8a16": (8, 16), "w4a8": (4, 8)}
+SPARSITY_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+
+
+@dataclass
+class CompileOptions:
+    model: str
+    output: Path
+    target: str = ""
+    method: str | None = None  # obs, mp-local, mp-global or None (no pruning)
+    sparsity: float = 0.5
+    pattern: str = "pencil8"
+    quant: str = "w8a16"
+    calib: str = "../shared/data/speech/dev"
+    calib_limit: int = 32
+    range_limit: int | None = None  # utterances for activation ranges (default: all calibration)
+    print_ir_after_all: bool = False
+    print_ir_after: tuple = ()
+    progress: bool = True
+    log: object = None  # a writable stream for stage lines
+    stages: dict = field(default_factory=dict)
+
+
+def _stage(opts: CompileOptions, name: str, start: float, detail: str = "") -> float:
+    now = time.perf_counter()
+    opts.stages[name] = round(now - start, 3)
+    if opts.log is not None:
+        print(f"[{len(opts.stages)}] {name:<9} {now - start:7.1f} s  {detail}", file=opts.log, flush=True)
+    return now
+
+
+def put_weights(graphs: dict, model) -> int:
+    """Copy the (pruned) weights of ``model`` into the float graphs' ``dense`` nodes, by module path."""
+    from femtocc.passes.calibrate import prunable_layers
+    from femtocc.passes.prune import weight_matrix
+
+    layers = prunable_layers(model, include_embeddings=True)
+    done = 0
+    for g in graphs.values():
+        for node in g.nodes:
+            module = layers.get(node.meta.get("scope", ""))
+            if node.op != "dense" or module is None or not node.inputs[1].is_constant:
+                continue
+            w = weight_matrix(module).T
+            const = node.inputs[1]
+            if const.data.shape != w.shape:
+                raise FemtoccError(f"compile: weight of {node.meta['scope']} is {w.shape}, graph has {const.data.shape}")
+            const.data = np.ascontiguousarray(w, dtype=np.float32)
+            done += 1
+    return done
+
+
+def compile_model(opts: CompileOptions) -> dict:
+    from femtocc.cache import atomic_dir
+    from femtocc.data import load_dataset, split_by_speaker
+    from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper, load_onnx
+    from femtocc.frontend.onnx_ir import import_onnx
+    from femtocc.frontend.whisper import load_whisper
+    from femtocc.passes import PassManager
+    from femtocc.passes.calibrate import collect_value_ranges, dense_transcripts
+    from femtocc.targets.spu001 import DEFAULT, load
+    from femtocc.targets.spu001.codegen import generate
+
+    if opts.quant not in QUANT:
+        raise FemtoccError(f"--quant {opts.quant!r}: choose from {', '.join(QUANT)}")
+    if opts.calib_limit < 1:
+        raise FemtoccError("--calib-limit must be at least 1")
+    target = load(opts.target or DEFAULT)
+    wbits, abits = QUANT[opts.quant]
+    t0 = t = time.perf_counter()
+    bundle = load_whisper(opts.model)
+    calib = split_by_speaker(load_dataset(opts.calib))[0][: opts.calib_limit]
+    t = _stage(opts, "load", t, f"{bundle.name}, {len(calib)} calibration utterances")
+
+    prune_report = None
+    model = bundle
+    if opts.method:
+        from femtocc.passes.prune import PruneConfig, prune_model
+
+        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=opts.pattern)
+        cfg.check()
+        model, prune_report = prune_model(bundle, cfg, calib, progress=opts.progress)
+        t = _stage(opts, "prune", t, f"{opts.method} {opts.pattern} {prune_report['sparsity']:.3f}")
+
+    paths = export_whisper(bundle, None)
+    manager = PassManager.parse(FLOAT_PIPELINE)
+    graphs = {w: manager.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
+    replaced = put_weights(graphs, model.model) if opts.method else 0
+    if opts.method:
+        for g in graphs.values():
+            PassManager.parse("annotate-sparsity").run(g)
+    t = _stage(opts, "import", t, f"{sum(len(g.nodes) for g in graphs.values())} nodes, {replaced} pruned weights placed")
+
+    tokens = dense_transcripts(bundle, calib)
+    ranges = collect_value_ranges(graphs, model, calib[: opts.range_limit] if opts.range_limit else calib,
+                                  progress=opts.progress, tokens=tokens)
+    workdir = Path(tempfile.mkdtemp(prefix="femtocc-compile-"))
+    ranges_path = workdir / "ranges.json"
+    ranges_path.write_text(json.dumps(ranges, indent=0))
+    t = _stage(opts, "ranges", t, f"{len(ranges)} activations")
+
+    spec = f"quantize{{ranges={ranges_path},weight-bits={wbits},act-bits={abits}}}"
+    target_path = opts.target or str(DEFAULT)
+    stats: dict[str, dict] = {w: {} for w in graphs}
+    for name, pipeline in (("quantize", spec), ("layout", f"select-layout{{target={target_path}}}")):
+        for w, g in graphs.items():
+            m = PassManager.parse(pipeline, print_after_all=opts.print_ir_after_all, print_after=opts.print_ir_after)
+            m.run(g)
+            stats[w][name] = m.records[-1].stats
+        t = _stage(opts, name, t)
+    prompt = len(bundle.decode.prompt)
+    for w, g in graphs.items():
+        tokens_bound = prompt if w == "decoder_step" else 1
+        m = PassManager.parse(f"tile-sram{{target={target_path},tokens={tokens_bound},act-bytes={abits // 8}}}",
+                              print_after_all=opts.print_ir_after_all, print_after=opts.print_ir_after)
+        m.run(g)
+        stats[w]["tile"] = m.records[-1].stats
+    t = _stage(opts, "tile", t)
+
+    programs = {w: generate(g, target).to_bytes() for w, g in graphs.items()}
+    report = build_report(graphs, stats, target, bundle, prune_report, opts, programs)
+    manifest = {
+        "format": "femtocc-build/1",
+        "model": opts.model,
+        "model_name": bundle.name,
+        "target": target.name,
+        "quant": opts.quant,
+        "pruning": prune_report and {k: v for k, v in prune_report.items() if k != "layers"},
+        "programs": {w: f"{w}.spu" for w in programs},
+        "calibration_utterances": len(calib),
+    }
+    t = _stage(opts, "codegen", t, ", ".join(f"{w} {len(b) / 2**20:.1f} MiB" for w, b in programs.items()))
+    opts.stages["total"] = round(time.perf_counter() - t0, 3)
+    report["stages_s"] = dict(opts.stages)
+    with atomic_dir(Path(opts.output)) as tmp:
+        shutil.move(ranges_path, tmp / "ranges.json")
+        shutil.rmtree(workdir, ignore_errors=True)
+        for w, data in programs.items():
+            (tmp / f"{w}.spu").write_bytes(data)
+        (tmp / "build.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        plot_report(report, tmp / "report.png")
+    return report
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def build_report(graphs, stats, target, bundle, prune_report, opts, programs) -> dict:
+    """Per-layer sparsity, format, bytes, placement and predicted cycles; totals; bytes vs sparsity."""
+    layers = []
+    for w, g in graphs.items():
+        for node in g.nodes:
+            if node.op != "qdense":
+                continue
+            c = node.inputs[1]
+            lay, place = c.attrs.get("layout", {}), c.attrs.get("placement", {})
+            rows = 1
+            for d in node.inputs[0].type.shape[:-1]:
+                rows *= d if isinstance(d, int) else 1
+            layers.append({
+                "graph": w, "layer": node.meta.get("scope", node.outputs[0].name), "shape": list(c.data.shape),
+                "sparsity": float(1 - np.count_nonzero(c.data) / c.data.size), "format": lay.get("format"),
+                "bytes": lay.get("bytes"), "dense_bytes": lay.get("dense_bytes"), "placement": place.get("where"),
+                "rows_per_run": rows, "cycles": lay.get("cycles_per_row", 0) * rows,
+                "dense_cycles": lay.get("dense_cycles_per_row", 0) * rows,
+            })
+    totals = {}
+    for w in graphs:
+        mine = [r for r in layers if r["graph"] == w]
+        totals[w] = {
+            "weight_bytes": sum(r["bytes"] for r in mine), "dense_weight_bytes": sum(r["dense_bytes"] for r in mine),
+            "predicted_cycles": sum(r["cycles"] for r in mine), "dense_cycles": sum(r["dense_cycles"] for r in mine),
+            "sparse_layers": sum(r["format"] != "dense" for r in mine), "program_bytes": len(programs[w]),
+            **{f"tile_{k}": v for k, v in stats[w].get("tile", {}).items()},
+        }
+    return {
+        "model": bundle.name, "target": target.name, "quant": opts.quant,
+        "pruning": prune_report and {k: v for k, v in prune_report.items() if k != "layers"},
+        "layers": layers, "totals": totals, "weight_bytes_vs_sparsity": bytes_vs_sparsity(graphs, target),
+    }
+
+
+def bytes_vs_sparsity(graphs, target) -> dict:
+    """Weight bytes of every prunable qdense at each pencil8 sparsity of the grid (exact: a pencil8
+    layer at sparsity s keeps ceil((1 - s) * pencils) pencils, whichever method chose them), and the
+    first sparsity at which the encoder's weights fit the SRAM beside its activation high-water mark."""
+    word = target.facts.pencil + target.assumptions.pencil_index_bits // 8
+    rows, resident_from = [], None
+    for s in SPARSITY_GRID:
+        row = {"sparsity": s}
+        for w, g in graphs.items():
+            total = 0
+            for node in (n for n in g.nodes if n.op == "qdense"):
+                n_in, n_out = node.inputs[1].data.shape
+                prunable = node.meta.get("scope", "").startswith(("encoder.", "decoder."))
+                kept = math.ceil(round((1 - s) * n_in * n_out / target.facts.pencil, 6)) * word
+                total += min(n_in * n_out, kept) if prunable and s > 0 else n_in * n_out
+            row[f"{w}_bytes"] = total
+        if "encoder_bytes" in row:
+            row["encoder_resident"] = row["encoder_bytes"] <= target.sram_bytes
+            if row["encoder_resident"] and resident_from is None:
+                resident_from = s
+        rows.append(row)
+    return {"pattern": "pencil8", "bits": 8, "rows": rows, "encoder_resident_from": resident_from,
+            "sram_bytes": target.sram_bytes}
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    layers = report["layers"]
+    x = np.arange(len(layers))
+    a.bar(x, [r["dense_bytes"] / 1024 for r in layers], color="#ccc", label="dense int8")
+    a.bar(x, [r["bytes"] / 1024 for r in layers], color=["#1f77b4" if r["format"] == "dense" else "#d62728" for r in layers],
+          label="stored (red: pencil8)")
+    a.set_yscale("log")
+    a.set_xlabel("qdense layer (encoder, cross K/V, decoder)")
+    a.set_ylabel("KiB")
+    a.set_title(f"{report['model']} on {report['target']}: weight bytes per layer")
+    a.legend()
+    rows = report["weight_bytes_vs_sparsity"]["rows"]
+    for key in [k for k in rows[0] if k.endswith("_bytes")]:
+        b.plot([r["sparsity"] for r in rows], [r[key] / 2**20 for r in rows], marker="o", label=key[:-6])
+    b.axhline(report["weight_bytes_vs_sparsity"]["sram_bytes"] / 2**20, color="k", ls="--", label="SRAM (1 MiB)")
+    b.set_xlabel("pencil8 sparsity")
+    b.set_ylabel("int8 weight MiB")
+    b.set_yscale("log")
+    b.set_title("weight bytes vs sparsity")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_report(report: dict, out) -> None:
+    print(f"{'graph':<13}{'layer':<40}{'shape':>11}{'sparsity':>9}{'format':>9}{'KiB':>9}{'dense KiB':>10}"
+          f"{'where':>8}{'Mcycles':>9}", file=out)
+    for r in report["layers"]:
+        print(f"{r['graph']:<13}{r['layer'][:39]:<40}{'x'.join(map(str, r['shape'])):>11}{r['sparsity']:>9.3f}"
+              f"{r['format']:>9}{r['bytes'] / 1024:>9.1f}{r['dense_bytes'] / 1024:>10.1f}{r['placement'] or '-':>8}"
+              f"{r['cycles'] / 1e6:>9.3f}", file=out)
+    for w, t in report["totals"].items():
+        speed = t["dense_cycles"] / max(t["predicted_cycles"], 1)
+        print(f"{w}: weights {t['weight_bytes'] / 2**20:.2f} MiB (dense {t['dense_weight_bytes'] / 2**20:.2f}), "
+              f"{t['sparse_layers']} pencil8 layers, predicted {t['predicted_cycles'] / 1e6:.1f} Mcycles "
+              f"(honest speedup {speed:.2f}x), program {t['program_bytes'] / 2**20:.2f} MiB, SRAM high-water "
+              f"{t.get('tile_high-water-bytes-per-core', 0) / 1024:.0f} KiB/core, external {t.get('tile_external-bytes-per-run', 0) / 2**20:.1f} MiB/run",
+              file=out)
+    bvs = report["weight_bytes_vs_sparsity"]
+    print("weight bytes vs pencil8 sparsity: " + ", ".join(
+        f"{r['sparsity']:.2f}: {r.get('encoder_bytes', 0) / 2**20:.2f} MiB enc" for r in bvs["rows"]), file=out)
+    print(f"encoder weights SRAM-resident from pencil8 sparsity {bvs['encoder_resident_from']}", file=out)

@@ -1,0 +1,105 @@
+"""The reference runtime: executes ``.spu`` programs in numpy with exact integer semantics.
+
+It is the specification the C simulator must match bit for bit: each instruction runs the integer
+op's definition from :mod:`femtocc.ir.qops` / :mod:`femtocc.ir.ops` on operands decoded from the
+program (pencil8 weights are decoded from their compressed blobs). The program is validated when
+loaded (:meth:`Program.from_bytes`), and every run checks its inputs' dtypes and shapes, binds
+``T`` and ``P`` from them, and checks each result against the shape the program declares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from femtocc.runtime.program import NUMPY, Program, ProgramError, bind, decode_constant, decode_params
+
+
+def load_program(path) -> Program:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ProgramError(f"{path}: cannot read ({e.strerror})") from None
+    return Program.from_bytes(data, str(path))
+
+
+class ReferenceRuntime:
+    def __init__(self, program: Program):
+        from femtocc.ir.ops import OPS
+
+        self.program = program
+        self.consts = {i: decode_constant(b) for i, b in enumerate(program.buffers) if b.region == "const"}
+        self.steps = []
+        for k, ins in enumerate(program.code):
+            attrs = decode_params(ins, f"instruction {k}")
+            self.steps.append((k, ins, OPS[ins.op].run, attrs))
+
+    def bind(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        p, symbols = self.program, {"T": None, "P": None}
+        for s in p.inputs:
+            if s.name not in feeds:
+                raise ProgramError(f"{p.graph}: input {s.name} was not given")
+            b, x = p.buffers[s.buffer], feeds[s.name]
+            if x.dtype != NUMPY[b.dtype] or x.ndim != len(b.shape):
+                raise ProgramError(f"{p.graph}: input {s.name} is {x.dtype}{list(x.shape)}, expected {b.dtype} of rank {len(b.shape)}")
+            for (c, t, q), n in zip(b.shape, x.shape):
+                for sym, coef, other in (("T", t, q), ("P", q, t)):
+                    if coef and not other:
+                        value, rem = divmod(n - c, coef)
+                        if rem or value < 0 or symbols[sym] not in (None, value):
+                            raise ProgramError(f"{p.graph}: input {s.name} dim {n} does not fit {sym} "
+                                               f"(already {symbols[sym]})")
+                        symbols[sym] = value
+        return {k: v or 0 for k, v in symbols.items()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        p = self.program
+        sym = self.bind(feeds)
+        env: dict[int, np.ndarray] = dict(self.consts)
+        for s in p.inputs:
+            x = feeds[s.name]
+            want = bind(p.buffers[s.buffer].shape, sym["T"], sym["P"])
+            if any(w is not None and w != n for w, n in zip(want, x.shape)):
+                raise ProgramError(f"{p.graph}: input {s.name} has shape {list(x.shape)}, expected {list(want)}")
+            env[s.buffer] = x
+        for k, ins, fn, attrs in self.steps:
+            args = [env[b] for b in ins.inputs] + ([None] if ins.op == "qdense" else [])
+            try:
+                results = fn(args, attrs)
+            except (IndexError, ValueError, ZeroDivisionError, OverflowError) as e:
+                raise ProgramError(f"{p.graph}: instruction {k} ({ins.op}) failed: {e}") from None
+            for b, r in zip(ins.outputs, results):
+                buf = p.buffers[b]
+                want = bind(buf.shape, sym["T"], sym["P"])
+                r = np.asarray(r)
+                if r.dtype != NUMPY[buf.dtype] or r.ndim != len(want) or any(w is not None and w != n for w, n in zip(want, r.shape)):
+                    raise ProgramError(f"{p.graph}: instruction {k} ({ins.op}) made {r.dtype}{list(r.shape)}, "
+                                       f"buffer {b} ({buf.name}) is {buf.dtype}{list(want)}")
+                env[b] = r
+        return {s.name: env[s.buffer] for s in p.outputs}
+
+    def runner(self):
+        """A float-in, float-out runner for the decoding loop: inputs are quantized with the program's
+        input scales (host side), outputs dequantized with its output scales."""
+        p = self.program
+        scales_in = {s.name: s.scale for s in p.inputs}
+        scales_out = {s.name: s.scale for s in p.outputs}
+        dtypes = {s.name: NUMPY[p.buffers[s.buffer].dtype] for s in p.inputs}
+
+        def run(feeds):
+            ints = {}
+            for name, x in feeds.items():
+                if name not in scales_in:
+                    continue
+                s, dt = scales_in[name], dtypes[name]
+                if s:
+                    lim = np.iinfo(dt).max
+                    ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(s)), -lim, lim).astype(dt)
+                else:
+                    ints[name] = np.asarray(x).astype(dt)
+            out = self.run(ints)
+            return {k: (v.astype(np.float32) * np.float32(scales_out[k]) if scales_out[k] else v) for k, v in out.items()}
+
+        return run
