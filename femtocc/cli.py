@@ -197,7 +197,7 @@ def cmd_compile(args) -> int:
         model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
         sparsity=args.sparsity, pattern=args.pattern, quant=args.quant, calib=args.calib, calib_limit=args.calib_limit,
         range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
-        progress=not args.quiet, log=sys.stderr,
+        save_ir=args.save_ir, progress=not args.quiet, log=sys.stderr,
     )
     if args.target != "spu001":
         raise FemtoccError(f"--target {args.target!r}: the only target is spu001 (a variant is --target-file FILE.toml)")
@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range-limit", type=int, default=None, help="of those, how many set activation ranges (default all)")
     p.add_argument("-o", "--output", required=True, help="build folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--save-ir", action="store_true", help="also write BUILD/ir/*.fir, the IR the programs came from")
     p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every target pass")
     p.add_argument("--print-ir-after", action="append", default=[], metavar="PASS", help="print the IR after PASS (repeatable)")
     p.set_defaults(func=cmd_compile)

@@ -48,6 +48,7 @@ class CompileOptions:
     range_limit: int | None = None  # utterances for activation ranges (default: all calibration)
     print_ir_after_all: bool = False
     print_ir_after: tuple = ()
+    save_ir: bool = False  # also write BUILD/ir/*.fir: the final IR each program was generated from
     progress: bool = True
     log: object = None  # a writable stream for stage lines
     stages: dict = field(default_factory=dict)
@@ -172,6 +173,11 @@ def compile_model(opts: CompileOptions) -> dict:
         (tmp / "build.json").write_text(json.dumps(manifest, indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         plot_report(report, tmp / "report.png")
+        if opts.save_ir:
+            from femtocc.ir import save
+
+            for w, g in graphs.items():
+                save(g, tmp / "ir" / f"{w}.fir")
     return report
 
 

@@ -6,9 +6,10 @@ For every ``dense`` / ``qdense`` node with a constant ``[in, out]`` weight the c
 * ``pencil8``: only pencils (``pencil`` consecutive outputs at one input) that hold a nonzero
   are stored, each as one 64-bit word plus its input index; ``pencils * pencil`` MACs per row.
 
-Cycles per input row are MACs over the MAC lanes of all cores. The format with fewer cycles
-wins, then fewer bytes; a layer stays dense whenever sparse would be slower or larger (the
-"honest speedup": unstructured sparsity that leaves most pencils nonzero buys nothing).
+Cycles per input row are MACs over the MAC lanes of all cores. A sparse format is a candidate only
+when it is both no slower and smaller than dense; among candidates fewer cycles win, then fewer
+bytes. So a layer stays dense whenever sparse would be slower or larger (the "honest speedup":
+unstructured sparsity that leaves most pencils nonzero buys nothing).
 Afterwards every such weight constant carries ``layout = {format, bytes, dense_bytes,
 cycles_per_row, dense_cycles_per_row}``.
 """
@@ -56,7 +57,10 @@ class SelectLayout(Pass):
                 continue
             const = node.inputs[1]
             costs = layout_costs(const.data, weight_bits(const), target)
-            best = min(costs, key=lambda k: (costs[k]["cycles_per_row"], costs[k]["bytes"], k != "dense"))
+            dense = costs["dense"]
+            eligible = [k for k, c in costs.items()
+                        if k == "dense" or (c["cycles_per_row"] <= dense["cycles_per_row"] and c["bytes"] < dense["bytes"])]
+            best = min(eligible, key=lambda k: (costs[k]["cycles_per_row"], costs[k]["bytes"], k != "dense"))
             const.attrs["layout"] = {
                 "format": best,
                 "bytes": costs[best]["bytes"],

@@ -1,0 +1,87 @@
+"""femtocc compile / run / show on real tiny.en with a few utterances."""
+
+import json
+
+import numpy as np
+import pytest
+
+from femtocc.cli import main
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, tiny, dev_data):
+    out = tmp_path_factory.mktemp("build") / "tiny-obs30"
+    assert main(["compile", "whisper-tiny.en", "--target", "spu001", "--method", "obs", "--sparsity", "0.3",
+                 "--pattern", "pencil8", "--calib", str(dev_data), "--calib-limit", "3", "-o", str(out), "--quiet",
+                 "--save-ir"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def build_w8a16(tmp_path_factory, tiny, dev_data):
+    out = tmp_path_factory.mktemp("build") / "tiny-w8a16"
+    assert main(["compile", "whisper-tiny.en", "--calib", str(dev_data), "--calib-limit", "3", "-o", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_compile_writes_programs_and_report(build):
+    from femtocc.runtime.reference import load_program
+
+    names = {p.name for p in build.iterdir()}
+    assert {"encoder.spu", "cross_kv.spu", "decoder_step.spu", "build.json", "report.json", "report.png", "ranges.json"} <= names
+    report = json.loads((build / "report.json").read_text())
+    assert set(report["stages_s"]) == {"load", "prune", "import", "ranges", "quantize", "layout", "tile", "codegen", "total"}
+    enc = [r for r in report["layers"] if r["graph"] == "encoder"]
+    assert len(enc) == 26 and all(0.295 < r["sparsity"] < 0.4 for r in enc)  # int8 rounding adds a few zeros
+    assert all(r["format"] in ("dense", "pencil8") and r["bytes"] <= r["dense_bytes"] for r in report["layers"])
+    rows = report["weight_bytes_vs_sparsity"]["rows"]
+    assert rows[0]["encoder_bytes"] == 7_612_416 and report["weight_bytes_vs_sparsity"]["encoder_resident_from"] == 0.9
+    for name in ("encoder", "cross_kv", "decoder_step"):
+        prog = load_program(build / f"{name}.spu")
+        assert prog.graph == name and prog.target == "spu001"
+        assert all(s.scale > 0 for s in prog.outputs if s.name != "logits" or True)
+
+
+def test_programs_compute_exactly_what_the_quantized_ir_computes(build, tiny, dev_utts):
+    from femtocc.decode import GraphBackend, build_runners, ir_runner, transcribe
+    from femtocc.ir import load
+
+    runners, manifest = build_runners(build)
+    assert manifest["model"] == "whisper-tiny.en" and manifest["pruning"]["config"]["pattern"] == "pencil8"
+    programs = transcribe(tiny, GraphBackend("spu", runners, tiny.config), dev_utts[:2])
+    ir = {w: ir_runner(load(build / "ir" / f"{w}.fir")) for w in runners}
+    graphs = transcribe(tiny, GraphBackend("ir", ir, tiny.config), dev_utts[:2])
+    assert [t.tokens for t in programs] == [t.tokens for t in graphs]
+
+
+def test_run_w8a16_on_the_reference_runtime(build_w8a16, dev_utts, capsys, tmp_path):
+    out = tmp_path / "run.json"
+    data = str(dev_utts[0].audio_path.parent)
+    assert main(["run", str(build_w8a16), "--data", data, "--limit", "3", "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["report"]["utterances"] == 3 and result["runtime"] == "reference"
+    assert result["report"]["agreement_wer"] <= 10  # W8A16 alone decodes like the float model
+    assert "reference" in capsys.readouterr().out
+
+
+def test_show_disassembles_and_rejects_corrupt_programs(build, capsys, tmp_path):
+    assert main(["show", str(build / "cross_kv.spu")]) == 0
+    text = capsys.readouterr().out
+    assert "graph=cross_kv" in text and "qdense" in text and "input  encoder_hidden_states" in text
+    data = bytearray((build / "cross_kv.spu").read_bytes())
+    data[1000] ^= 1
+    bad = tmp_path / "bad.spu"
+    bad.write_bytes(bytes(data))
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.spu: checksum mismatch" in err and "Traceback" not in err
+    assert main(["run", str(tmp_path)]) == 2
+    assert "not a femtocc build" in capsys.readouterr().err
+
+
+def test_compile_is_deterministic(build_w8a16, tmp_path, dev_data):
+    again = tmp_path / "again"
+    assert main(["compile", "whisper-tiny.en", "--calib", str(dev_data), "--calib-limit", "3", "-o", str(again), "--quiet"]) == 0
+    for name in ("encoder.spu", "cross_kv.spu", "decoder_step.spu"):
+        assert (again / name).read_bytes() == (build_w8a16 / name).read_bytes(), name
+    assert np.isfinite(json.loads((again / "report.json").read_text())["stages_s"]["total"])
