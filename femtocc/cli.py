@@ -213,18 +213,44 @@ def cmd_run(args) -> int:
     from femtocc.decode import GraphBackend, build_runners, score, transcribe
     from femtocc.frontend.whisper import load_whisper
 
-    runners, manifest = build_runners(args.build, args.runtime)
+    sink: list = []
+    runners, manifest = build_runners(args.build, args.runtime, sink)
     bundle = load_whisper(manifest["model"])
     backend = GraphBackend(f"spu001-{args.runtime}", runners, bundle.config)
     utts = _utterances(args)
-    transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
+    transcripts, per_utt = [], []
+    if args.runtime == "sim":
+        from tqdm import tqdm
+
+        from femtocc.runtime.report import utterance_stats
+        from femtocc.targets.spu001 import load
+
+        clock_hz = (load(manifest["target_file"]) if manifest.get("target_file") else load()).facts.clock_hz
+        for u in tqdm(utts, desc="transcribe [sim]", unit="utt", disable=args.quiet, leave=False):
+            start = len(sink)
+            transcripts += transcribe(bundle, backend, [u])
+            per_utt.append(utterance_stats(sink[start:], transcripts[-1], clock_hz))
+    else:
+        transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
     report = score(transcripts, dense_reference(bundle, utts))
     report["build"] = {k: manifest[k] for k in ("model", "target", "quant", "pruning")}
+    if per_utt:
+        from femtocc.runtime.report import plot_timeline, summarize
+
+        report["simulator"] = summarize(per_utt, sink)
+        plot_timeline(report["simulator"], Path(args.build) / "sim-timeline.png")
     _print_report([(args.runtime, report)])
+    if per_utt:
+        sim = report["simulator"]
+        print(f"simulated on {manifest['target']}: {sim['latency_s_mean']:.3f} s latency per utterance "
+              f"({sim['real_time_factor']:.3f} x real time), {sim['energy_uj_mean']:.0f} uJ per utterance, "
+              f"{sim['macs_per_utterance']:.3g} MACs ({sim['macs_skipped_fraction']:.1%} skipped as zero activations); "
+              f"timeline: {Path(args.build) / 'sim-timeline.png'}")
     json_path = Path(args.json or Path(args.build) / f"run-{args.runtime}.json")
     with atomic_write(json_path, "w") as f:
         json.dump({"build": str(args.build), "runtime": args.runtime, "data": str(args.data), "split": args.split,
-                   "report": report, "utterances": [t.__dict__ for t in transcripts]}, f, indent=1, default=str)
+                   "report": report, "utterances": [dict(t.__dict__, **(per_utt[i] if per_utt else {}))
+                                                    for i, t in enumerate(transcripts)]}, f, indent=1, default=str)
     print(f"wrote {json_path}")
     return 0
 

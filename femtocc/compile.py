@@ -157,6 +157,7 @@ def compile_model(opts: CompileOptions) -> dict:
         "model": opts.model,
         "model_name": bundle.name,
         "target": target.name,
+        "target_file": str(Path(target.source).resolve()) if opts.target else None,
         "quant": opts.quant,
         "pruning": prune_report and {k: v for k, v in prune_report.items() if k != "layers"},
         "programs": {w: f"{w}.spu" for w in programs},

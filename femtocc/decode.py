@@ -173,11 +173,13 @@ def make_backend(bundle, kind: str, manager=None, progress=None, export_dir=None
     raise FemtoccError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
 
 
-RUNTIMES = ("reference",)
+RUNTIMES = ("reference", "sim")
 
 
-def build_runners(build_dir, runtime: str = "reference") -> tuple[dict[str, Runner], dict]:
-    """Runners for the programs of a ``femtocc compile`` build on ``runtime``, and its manifest."""
+def build_runners(build_dir, runtime: str = "reference", sink: list | None = None) -> tuple[dict[str, Runner], dict]:
+    """Runners for the programs of a ``femtocc compile`` build on ``runtime`` (``reference``: numpy,
+    ``sim``: the C cycle simulator, whose per-run statistics are appended to ``sink``), and the
+    build's manifest."""
     import json
     from pathlib import Path
 
@@ -190,9 +192,22 @@ def build_runners(build_dir, runtime: str = "reference") -> tuple[dict[str, Runn
     manifest = json.loads(manifest_path.read_text())
     if runtime not in RUNTIMES:
         raise FemtoccError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    from femtocc.runtime.reference import ReferenceRuntime, load_program
+    paths = {w: build / manifest["programs"][w] for w in GRAPH_NAMES}
+    if runtime == "reference":
+        from femtocc.runtime.reference import ReferenceRuntime, load_program
 
-    runners = {w: ReferenceRuntime(load_program(build / manifest["programs"][w])).runner() for w in GRAPH_NAMES}
+        return {w: ReferenceRuntime(load_program(p)).runner() for w, p in paths.items()}, manifest
+    from femtocc.runtime.sim import SimRuntime
+    from femtocc.targets.spu001 import load
+
+    target = load(manifest["target_file"]) if manifest.get("target_file") else load()
+    runners = {}
+    for w, p in paths.items():
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise FemtoccError(f"{p}: cannot read ({e.strerror})") from None
+        runners[w] = SimRuntime(data, target, str(p)).runner(sink)
     return runners, manifest
 
 

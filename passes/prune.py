@@ -46,6 +46,9 @@ class PruneConfig:
     layers: str | None = None  # regex over module paths; None: every linear and conv
     include_embeddings: bool = False
     block: int = 128
+    steps: int = 1  # gradual pruning: sparsity * i / steps for i = 1..steps, each followed by fine-tuning
+    finetune_epochs: int = 0  # distillation epochs after each step (see femtocc.passes.finetune)
+    finetune_lr: float = 5e-5
 
     def check(self) -> Pattern:
         if self.method not in METHODS:
@@ -59,6 +62,10 @@ class PruneConfig:
             raise FemtoccError("N:M fixes every group's sparsity; global allocation has nothing to allocate")
         if pattern.fixed_sparsity is not None:
             self.sparsity = pattern.fixed_sparsity
+        if self.steps < 1 or self.finetune_epochs < 0:
+            raise FemtoccError(f"steps must be >= 1 and finetune epochs >= 0, got {self.steps}, {self.finetune_epochs}")
+        if self.steps > 1 and (pattern.kind == "nm" or self.method != "obs"):
+            raise FemtoccError("gradual pruning (steps > 1) is for OBS with unstructured or pencil patterns")
         return pattern
 
 
@@ -228,3 +235,37 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
     pruned.metadata = {"pruning": {k: v for k, v in report.items() if k != "layers"}, "dense_source": bundle.name}
     pruned.name = f"{bundle.name}-{cfg.method}-{pattern.name.replace(':', 'of')}-{cfg.sparsity:.2f}"
     return pruned, report
+
+
+def prune_and_finetune(bundle, cfg: PruneConfig, calib, progress: bool = False):
+    """Gradual OBS pruning with distillation: for each step, recalibrate on the current model, prune
+    to ``sparsity * i / steps`` (zeros already made stay zero: they have zero saliency), then
+    fine-tune ``finetune_epochs`` on the calibration utterances with the dense model as teacher.
+    With one step and no fine-tuning this is :func:`prune_model`."""
+    from dataclasses import replace
+
+    from femtocc.passes.finetune import finetune
+
+    if cfg.steps == 1 and cfg.finetune_epochs == 0:
+        return prune_model(bundle, cfg, calib, progress)
+    start = time.perf_counter()
+    tokens = dense_transcripts(bundle, calib)
+    model, report, rounds = bundle, None, []
+    for i in range(1, cfg.steps + 1):
+        step = replace(cfg, sparsity=cfg.sparsity * i / cfg.steps, steps=1, finetune_epochs=0)
+        hessians = collect_hessians(model, calib, dense_tokens=tokens, progress=progress) if model is not bundle else None
+        model, report = prune_model(model, step, calib, progress, hessians=hessians)
+        tuned = finetune(model, bundle, calib, tokens, cfg.finetune_epochs, cfg.finetune_lr, progress=progress) \
+            if cfg.finetune_epochs else None
+        rounds.append({"sparsity": step.sparsity, "pruning_s": report["seconds"], "finetune": tuned})
+    for name, layer in prunable_layers(model.model, cfg.include_embeddings).items():
+        if name in report["layers"]:
+            w = weight_matrix(layer)
+            report["layers"][name]["nnz"] = int(np.count_nonzero(w))
+    report["config"] = {**asdict(cfg), "pattern": cfg.check().name}
+    report["rounds"] = rounds
+    report["seconds"] = time.perf_counter() - start
+    model.source_digest = weights_digest(model.model)
+    model.metadata = {"pruning": {k: v for k, v in report.items() if k != "layers"}, "dense_source": bundle.name}
+    model.name = f"{bundle.name}-{cfg.method}-{cfg.check().name.replace(':', 'of')}-{cfg.sparsity:.2f}-ft{cfg.finetune_epochs}x{cfg.steps}"
+    return model, report

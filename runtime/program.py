@@ -17,8 +17,10 @@ All integers little-endian. A file is::
 
 A dim is ``const + coef_T * T + coef_P * P``: ``T`` (new tokens) and ``P`` (cached tokens) are
 bound from the input shapes at run time; ``-1, 0, 0`` marks a dim known only at run time.
-Regions: ``input``, ``output``, ``const`` (blob), ``sram`` (address in each core's SRAM, the
-tensor split across cores), ``external`` (address in external memory). Constant layouts:
+Regions: ``input``, ``output``, ``const`` (a blob loaded into SRAM, or table memory, before the
+run), ``stream`` (a blob that stays in external memory and streams in tiles at every run),
+``sram`` (address in each core's SRAM, the tensor split across cores), ``external`` (address in
+external memory). Constant layouts:
 ``raw`` (the array), ``dense`` (int8 weight ``[in, out]`` row-major; int4 packed two per byte,
 low nibble first), ``pencil8`` (u32 offsets per group of 8 outputs + 1, then per pencil a u16
 input index, then the pencils' 8 weights each; int4 packed).
@@ -77,7 +79,8 @@ OPCODE = {name: i for i, (name, _) in enumerate(ISA)}
 
 DTYPES = ["i8", "i16", "i32", "i64", "bool", "u8"]
 NUMPY = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64, "bool": np.bool_, "u8": np.uint8}
-REGIONS = ["input", "output", "const", "sram", "external"]
+REGIONS = ["input", "output", "const", "sram", "external", "stream"]
+CONSTANT_REGIONS = ("const", "stream")
 LAYOUTS = ["raw", "dense", "pencil8"]
 
 _HEADER = struct.Struct("<4sHH16s16s5IQIIQ")
@@ -148,7 +151,7 @@ class Program:
             sid(s.name)
         blob = bytearray()
         for b in self.buffers:
-            if b.region == "const":
+            if b.region in CONSTANT_REGIONS:
                 b.blob_offset = len(blob)
                 blob += b.blob
                 blob += bytes(-len(blob) % 8)  # 64-bit word aligned
@@ -226,7 +229,7 @@ class Program:
         prog = Program(target.rstrip(b"\0").decode(errors="replace"), graph.rstrip(b"\0").decode(errors="replace"),
                        buffers, code, symbols[:n_in], symbols[n_in:], sram, cores, external)
         for i, b in enumerate(buffers):
-            if b.region == "const":
+            if b.region in CONSTANT_REGIONS:
                 if b.blob_offset + b.nbytes > len(blob):
                     raise ProgramError(f"{where}: buffer {i} ({b.name}) blob [{b.blob_offset}, +{b.nbytes}) "
                                        f"runs past the {len(blob)} blob bytes")
@@ -240,7 +243,7 @@ class Program:
         from femtocc.ir.ops import OPS
 
         n = len(self.buffers)
-        defined = {s.buffer for s in self.inputs} | {i for i, b in enumerate(self.buffers) if b.region == "const"}
+        defined = {s.buffer for s in self.inputs} | {i for i, b in enumerate(self.buffers) if b.region in CONSTANT_REGIONS}
         for s in self.inputs + self.outputs:
             if s.buffer >= n:
                 raise ProgramError(f"{where}: symbol {s.name} names buffer {s.buffer}, only {n} exist")
@@ -251,7 +254,7 @@ class Program:
             if b.region == "external" and b.address + b.nbytes > self.external_bytes:
                 raise ProgramError(f"{where}: buffer {i} ({b.name}) at external address {b.address} + {b.nbytes} bytes "
                                    f"exceeds the {self.external_bytes} external bytes")
-            if b.region == "const":
+            if b.region in CONSTANT_REGIONS:
                 decode_constant(b, where)
         for k, ins in enumerate(self.code):
             label = f"{where}: instruction {k} ({ins.op})"
@@ -279,7 +282,7 @@ class Program:
                  f"{sum(len(b.blob) for b in self.buffers)} constant bytes", "", "memory map:"]
         for i, b in enumerate(self.buffers):
             where = {"sram": f"sram@{b.address:#x}", "external": f"ext@{b.address:#x}"}.get(b.region, b.region)
-            layout = f" {b.layout}/{b.bits}b" if b.region == "const" else ""
+            layout = f" {b.layout}/{b.bits}b" if b.region in CONSTANT_REGIONS else ""
             lines.append(f"  b{i:<4} {where:<14} {b.dtype}[{', '.join(format_dim(d) for d in b.shape)}] "
                          f"{b.nbytes}B{layout}  {b.name}")
         lines.append("")

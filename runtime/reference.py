@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from femtocc.runtime.program import NUMPY, Program, ProgramError, bind, decode_constant, decode_params
+from femtocc.runtime.program import CONSTANT_REGIONS, NUMPY, Program, ProgramError, bind, decode_constant, decode_params
 
 
 def load_program(path) -> Program:
@@ -30,7 +30,7 @@ class ReferenceRuntime:
         from femtocc.ir.ops import OPS
 
         self.program = program
-        self.consts = {i: decode_constant(b) for i, b in enumerate(program.buffers) if b.region == "const"}
+        self.consts = {i: decode_constant(b) for i, b in enumerate(program.buffers) if b.region in CONSTANT_REGIONS}
         self.steps = []
         for k, ins in enumerate(program.code):
             attrs = decode_params(ins, f"instruction {k}")

@@ -80,7 +80,8 @@ def generate(graph, target) -> Program:
             layout = c.attrs.get("layout", {}).get("format", "dense")
             layout = "pencil8" if layout == "pencil8" else "dense"
         blob = encode_constant(c.data, layout, bits)
-        return add(c, "const", nbytes=len(blob), layout=layout, bits=bits, blob=blob)
+        region = "stream" if c.attrs.get("placement", {}).get("where") == "stream" else "const"
+        return add(c, region, nbytes=len(blob), layout=layout, bits=bits, blob=blob)
 
     def operand(v) -> int:
         if id(v) in index:

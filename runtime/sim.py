@@ -1,0 +1,134 @@
+"""The spu001 cycle simulator (C extension ``_spusim``) from Python.
+
+``SimRuntime(program_bytes, target)`` validates the program in C (a bad program is a
+:class:`~femtocc.runtime.program.ProgramError`) and runs it bit-exact with the reference runtime,
+returning outputs and per-instruction statistics. Every timing and energy parameter comes from the
+target description (``targets/spu001/spu001.toml``); nothing the description holds is in the C code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from femtocc.runtime.program import DTYPES, NUMPY, ProgramError
+
+STAT_FIELDS: tuple[str, ...] = ()
+
+
+def extension():
+    """The compiled simulator; ``$FEMTOCC_SPUSIM`` may name another build of it (the sanitizer build
+    that CI runs the simulator tests under)."""
+    override = os.environ.get("FEMTOCC_SPUSIM")
+    if not override:
+        from femtocc.runtime import _spusim
+
+        return _spusim
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.ExtensionFileLoader("femtocc.runtime._spusim", override)
+    spec = importlib.util.spec_from_file_location("femtocc.runtime._spusim", override, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def sim_config(target) -> dict:
+    f, a, e = target.facts, target.assumptions, target.energy_pj
+    return {
+        "cores": f.cores, "mac_lanes_per_core": a.mac_lanes_per_core, "pencil": f.pencil,
+        "pencil_index_bits": a.pencil_index_bits, "pencil_decode_cycles": a.pencil_decode_cycles,
+        "bank_read_ports": a.bank_read_ports, "sram_banks_per_core": f.sram_banks_per_core,
+        "sram_bank_words": f.sram_bank_words, "table_lookup_cycles": a.table_lookup_cycles,
+        "external_bandwidth_bytes_per_cycle": a.external_bandwidth_bytes_per_cycle,
+        "external_latency_cycles": a.external_latency_cycles, "core_sync_cycles": a.core_sync_cycles,
+        "skip_zero_activations": int(a.skip_zero_activations), "threads_per_core": f.threads_per_core,
+        "clock_hz": f.clock_hz, "mac_int8": e.mac_int8, "mac_int16": e.mac_int16, "add_int32": e.add_int32,
+        "sram_read_64b": e.sram_read_64b, "sram_write_64b": e.sram_write_64b, "table_lookup": e.table_lookup,
+        "external_read_byte": e.external_read_byte,
+    }
+
+
+@dataclass
+class RunStats:
+    """Statistics of one run: per instruction (in program order) and totals."""
+
+    graph: str
+    instructions: list[tuple[str, str, str, int]]  # op, output buffer, first constant operand, tile rows
+    rows: list[dict] = field(default_factory=list)
+
+    def total(self, key: str) -> float:
+        return float(sum(r[key] for r in self.rows))
+
+    def by_op(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for (op, *_), r in zip(self.instructions, self.rows):
+            agg = out.setdefault(op, {k: 0.0 for k in r} | {"count": 0})
+            for k, v in r.items():
+                agg[k] += v
+            agg["count"] += 1
+        return out
+
+    def energy_pj(self) -> float:
+        return sum(self.total(k) for k in self.rows[0] if k.startswith("energy_")) if self.rows else 0.0
+
+
+class SimRuntime:
+    def __init__(self, program: bytes, target, where: str = "program"):
+        _spusim = extension()
+        global STAT_FIELDS
+        STAT_FIELDS = _spusim.STAT_FIELDS
+        try:
+            self.sim = _spusim.Simulator(bytes(program), sim_config(target))
+        except ValueError as e:
+            raise ProgramError(f"{where}: {str(e).removeprefix('program: ')}") from None
+        self.target = target
+        self.inputs = self.sim.inputs
+        self.outputs = self.sim.outputs
+        self.instructions = self.sim.instructions
+        self.graph = where
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+        args = []
+        for name, dtype, _, _ in self.inputs:
+            if name not in feeds:
+                raise ProgramError(f"{self.graph}: input {name} was not given")
+            x = np.ascontiguousarray(feeds[name])
+            if x.dtype != NUMPY[DTYPES[dtype]]:
+                raise ProgramError(f"{self.graph}: input {name} is {x.dtype}, expected {DTYPES[dtype]}")
+            args.append((dtype, x.shape, x))
+        try:
+            outs, stats = self.sim.run(args)
+        except ValueError as e:
+            raise ProgramError(str(e)) from None
+        result = {}
+        for (name, *_), (dtype, shape, raw) in zip(self.outputs, outs):
+            result[name] = np.frombuffer(raw, NUMPY[DTYPES[dtype]]).reshape(shape).copy()
+        return result, RunStats(self.graph, self.instructions, [dict(zip(STAT_FIELDS, s)) for s in stats])
+
+    def runner(self, sink: list | None = None):
+        """Float-in, float-out like :meth:`ReferenceRuntime.runner`; each run's stats go to ``sink``."""
+        scales_in = {n: s for n, _, s, _ in self.inputs}
+        dtypes = {n: NUMPY[DTYPES[d]] for n, d, _, _ in self.inputs}
+        scales_out = {n: s for n, _, s, _ in self.outputs}
+
+        def run(feeds):
+            ints = {}
+            for name, x in feeds.items():
+                if name not in scales_in:
+                    continue
+                s, dt = scales_in[name], dtypes[name]
+                if s:
+                    lim = np.iinfo(dt).max
+                    ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(s)), -lim, lim).astype(dt)
+                else:
+                    ints[name] = np.asarray(x).astype(dt)
+            out, stats = self.run(ints)
+            if sink is not None:
+                sink.append(stats)
+            return {k: (v.astype(np.float32) * np.float32(scales_out[k]) if scales_out[k] else v) for k, v in out.items()}
+
+        return run

@@ -1,0 +1,955 @@
+/* Execution of validated .spu programs: integer semantics of femtocc/ir/qops.py and the data
+ * movement ops of femtocc/ir/ops.py (bit-exact with the reference runtime), and the timing,
+ * traffic and energy model of docs/spu001.md.
+ *
+ * Every run-time condition that depends on input data (an index out of range, a shape that does not
+ * fit, a reshape that cannot be satisfied) is an error message, never undefined behaviour.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "spusim.h"
+
+const char *spu_op_name(int op);
+
+static int fail(char *err, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, SPU_ERR_LEN, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+#define MAX_ELEMENTS (INT64_C(1) << 28) /* bounds memory and time on hostile programs */
+
+/* ------------------------------------------------------------------------------------------ tensors */
+
+void tensor_free(Tensor *t) {
+    if (t->owned) free(t->data);
+    t->data = NULL;
+    t->owned = 0;
+}
+
+static int tensor_alloc(Tensor *t, int dtype, int rank, const int64_t *shape, char *err) {
+    int64_t n = 1;
+    if (rank < 0 || rank > SPU_MAX_RANK) return fail(err, "rank %d out of range", rank);
+    for (int i = 0; i < rank; i++) {
+        if (shape[i] < 0) return fail(err, "negative dimension %lld", (long long)shape[i]);
+        if (shape[i] && n > MAX_ELEMENTS / shape[i]) return fail(err, "tensor of more than 2**28 elements");
+        n *= shape[i];
+        t->shape[i] = shape[i];
+    }
+    t->dtype = dtype;
+    t->rank = rank;
+    t->numel = n;
+    t->data = calloc((size_t)(n ? n : 1), (size_t)spu_dtype_size(dtype));
+    t->owned = 1;
+    if (!t->data) return fail(err, "out of memory for %lld elements", (long long)n);
+    return 0;
+}
+
+static inline int64_t ld(const Tensor *t, int64_t i) {
+    switch (t->dtype) {
+    case DT_I8: return ((const int8_t *)t->data)[i];
+    case DT_I16: return ((const int16_t *)t->data)[i];
+    case DT_I32: return ((const int32_t *)t->data)[i];
+    case DT_I64: return ((const int64_t *)t->data)[i];
+    default: return ((const uint8_t *)t->data)[i];
+    }
+}
+
+static inline void st(Tensor *t, int64_t i, int64_t v) {
+    switch (t->dtype) {
+    case DT_I8: ((int8_t *)t->data)[i] = (int8_t)v; break;
+    case DT_I16: ((int16_t *)t->data)[i] = (int16_t)v; break;
+    case DT_I32: ((int32_t *)t->data)[i] = (int32_t)v; break;
+    case DT_I64: ((int64_t *)t->data)[i] = v; break;
+    case DT_BOOL: ((uint8_t *)t->data)[i] = v != 0; break;
+    default: ((uint8_t *)t->data)[i] = (uint8_t)v; break;
+    }
+}
+
+static void strides_of(const int64_t *shape, int rank, int64_t *strides) {
+    int64_t s = 1;
+    for (int i = rank - 1; i >= 0; i--) {
+        strides[i] = s;
+        s *= shape[i];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ integer arithmetic */
+
+static inline int64_t floordiv(int64_t a, int64_t b) {
+    int64_t q = a / b;
+    if ((a % b != 0) && ((a < 0) != (b < 0))) q -= 1;
+    return q;
+}
+
+/* 128-bit intermediates: a hostile program's multipliers cannot overflow (valid ones never come close) */
+typedef __int128 wide;
+
+static inline wide rshift_round_w(wide v, int64_t s) {
+    if (s <= 0) return v * ((wide)1 << (-s > 62 ? 62 : -s));
+    wide x = v + ((wide)1 << (s - 1));
+    return x >= 0 ? x >> s : -((-x - 1) >> s) - 1; /* floor shift without implementation-defined >> */
+}
+
+static inline int64_t clamp64(wide v) {
+    return v > (wide)INT64_MAX ? INT64_MAX : (v < (wide)INT64_MIN ? INT64_MIN : (int64_t)v);
+}
+
+static inline int64_t rshift_round(int64_t v, int64_t s) { return clamp64(rshift_round_w(v, s)); }
+
+/* rshift_round(a * m, s) without overflow */
+static inline int64_t requant(int64_t a, int64_t m, int64_t s) { return clamp64(rshift_round_w((wide)a * m, s)); }
+
+static inline int64_t saturate(int64_t v, int64_t bits) {
+    int64_t q = ((int64_t)1 << (bits - 1)) - 1;
+    return v > q ? q : (v < -q ? -q : v);
+}
+
+static inline int64_t isqrt64(int64_t q) {
+    int64_t r = (int64_t)floor(sqrt((double)q));
+    if (r * r > q) r -= 1;
+    if ((r + 1) * (r + 1) <= q) r += 1;
+    return r;
+}
+
+static inline int64_t bit_length(int64_t v) { return v > 0 ? 64 - __builtin_clzll((unsigned long long)v) : 0; }
+
+static inline int64_t lut(const BufferDesc *table, int64_t u, int64_t step_bits) {
+    int64_t i = u >> step_bits;
+    int64_t lo = table->values[i];
+    if (step_bits == 0) return lo;
+    int64_t hi = table->values[i + 1];
+    return lo + rshift_round((hi - lo) * (u & (((int64_t)1 << step_bits) - 1)), step_bits);
+}
+
+/* ------------------------------------------------------------------------------------------ broadcasting */
+
+typedef struct { int rank; int64_t shape[SPU_MAX_RANK]; int64_t strides[3][SPU_MAX_RANK]; } Bcast;
+
+static int broadcast(Bcast *b, const Tensor **ts, int n, char *err) {
+    int rank = 0;
+    for (int k = 0; k < n; k++) rank = ts[k]->rank > rank ? ts[k]->rank : rank;
+    b->rank = rank;
+    for (int i = 0; i < rank; i++) {
+        int64_t d = 1;
+        for (int k = 0; k < n; k++) {
+            int j = i - (rank - ts[k]->rank);
+            if (j < 0) continue;
+            int64_t e = ts[k]->shape[j];
+            if (e != 1) {
+                if (d != 1 && d != e) return fail(err, "shapes do not broadcast (%lld vs %lld)", (long long)d, (long long)e);
+                d = e;
+            }
+        }
+        b->shape[i] = d;
+    }
+    for (int k = 0; k < n; k++) {
+        int64_t own[SPU_MAX_RANK];
+        strides_of(ts[k]->shape, ts[k]->rank, own);
+        for (int i = 0; i < rank; i++) {
+            int j = i - (rank - ts[k]->rank);
+            b->strides[k][i] = (j < 0 || ts[k]->shape[j] == 1) ? 0 : own[j];
+        }
+    }
+    return 0;
+}
+
+/* calls f(out_index, offsets) for every element of the broadcast shape */
+#define BCAST_LOOP(B, N, ...)                                                                  \
+    do {                                                                                       \
+        int64_t idx_[SPU_MAX_RANK] = {0}, off_[3] = {0, 0, 0}, total_ = 1;                     \
+        for (int i_ = 0; i_ < (B).rank; i_++) total_ *= (B).shape[i_];                         \
+        for (int64_t o_ = 0; o_ < total_; o_++) {                                              \
+            const int64_t out_ = o_;                                                           \
+            const int64_t *off = off_;                                                         \
+            (void)out_; (void)off;                                                             \
+            __VA_ARGS__;                                                                       \
+            for (int i_ = (B).rank - 1; i_ >= 0; i_--) {                                       \
+                idx_[i_]++;                                                                    \
+                for (int k_ = 0; k_ < (N); k_++) off_[k_] += (B).strides[k_][i_];              \
+                if (idx_[i_] < (B).shape[i_]) break;                                           \
+                for (int k_ = 0; k_ < (N); k_++) off_[k_] -= (B).strides[k_][i_] * (B).shape[i_]; \
+                idx_[i_] = 0;                                                                  \
+            }                                                                                  \
+        }                                                                                      \
+    } while (0)
+
+/* ------------------------------------------------------------------------------------------ run context */
+
+typedef struct {
+    const Program *p;
+    const Config *cfg;
+    Tensor *env;       /* per buffer */
+    InstrStats *stats; /* per instruction */
+    int64_t T, P;
+    char *err;
+} Ctx;
+
+static int bits_dtype(int64_t bits) { return bits <= 8 ? DT_I8 : DT_I16; }
+
+static const BufferDesc *const_of(Ctx *c, uint16_t id) {
+    const BufferDesc *b = &c->p->buffers[id];
+    return (b->region == RG_CONST || b->region == RG_STREAM) ? b : NULL;
+}
+
+static inline uint16_t operand(const Instr *ins, int j) {
+    const uint8_t *q = (const uint8_t *)ins->ids + 2 * j;
+    return (uint16_t)(q[0] | (q[1] << 8));
+}
+
+static int need_int(Ctx *c, const Tensor *t, const char *what, int k) {
+    if (t->dtype != DT_I8 && t->dtype != DT_I16)
+        return fail(c->err, "instruction %d: %s must be i8 or i16", k, what);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ ops */
+
+/* hot kernels, compiled for AVX2 and for the baseline, picked at load time */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+/* acc[n] += sum_k x[k] * w[k, n] for int16 x (|x| <= 2**15) and int8-range w: int32 partial sums over
+   chunks of 256 inputs (|partial| < 2**30) flushed into int64, so the result is exact */
+HOT static void dense_row(const int32_t *x, const int16_t *w, int64_t K, int64_t N, int64_t *acc, int32_t *part) {
+    for (int64_t k0 = 0; k0 < K; k0 += 256) {
+        int64_t k1 = k0 + 256 < K ? k0 + 256 : K;
+        for (int64_t n = 0; n < N; n++) part[n] = 0;
+        for (int64_t k = k0; k < k1; k++) {
+            int32_t xv = x[k];
+            if (xv == 0) continue;
+            const int16_t *wr = w + k * N;
+            for (int64_t n = 0; n < N; n++) part[n] += xv * (int32_t)wr[n];
+        }
+        for (int64_t n = 0; n < N; n++) acc[n] += part[n];
+    }
+}
+
+/* sum_k a[k] * b[k] for int16-range operands: each product fits int32, the sum is int64 */
+HOT static int64_t dot16(const int16_t *a, const int16_t *b, int64_t K) {
+    int64_t acc = 0;
+    for (int64_t k = 0; k < K; k++) acc += (int32_t)a[k] * (int32_t)b[k];
+    return acc;
+}
+
+static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const Tensor *x = &c->env[operand(ins, 0)];
+    const BufferDesc *w = const_of(c, operand(ins, 1)), *bias = const_of(c, operand(ins, 2)), *mult = const_of(c, operand(ins, 3));
+    if (!w || !bias || !mult) return fail(c->err, "instruction %d (qdense): weight, bias and multipliers must be constants", k);
+    if (need_int(c, x, "qdense input", k)) return -1;
+    if (w->rank != 2 || w->dtype != DT_I8 || x->rank < 1 || x->shape[x->rank - 1] != w->shape[0] || bias->numel != w->shape[1] ||
+        mult->numel != w->shape[1])
+        return fail(c->err, "instruction %d (qdense): input, weight, bias and multiplier shapes do not fit", k);
+    int64_t K = w->shape[0], N = w->shape[1], rows = K ? x->numel / K : 0;
+    int64_t shape[SPU_MAX_RANK];
+    memcpy(shape, x->shape, sizeof(shape));
+    shape[x->rank - 1] = N;
+    if (tensor_alloc(out, bits_dtype(ins->a[1]), x->rank, shape, c->err)) return -1;
+    for (int64_t n = 0; n < N; n++)
+        if (bias->values[n] > (INT64_C(1) << 50) || bias->values[n] < -(INT64_C(1) << 50))
+            return fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
+    int64_t *acc = malloc(sizeof(int64_t) * (size_t)(N + 1));
+    int32_t *part = malloc(sizeof(int32_t) * (size_t)(N + 1));
+    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(K + 1));
+    int16_t *w16 = w->layout == LY_PENCIL8 ? NULL : malloc(sizeof(int16_t) * (size_t)(K * N + 1));
+    if (!acc || !part || !xr || (w->layout != LY_PENCIL8 && !w16)) {
+        free(acc); free(part); free(xr); free(w16);
+        return fail(c->err, "out of memory");
+    }
+    if (w16)
+        for (int64_t i = 0; i < K * N; i++) w16[i] = (int16_t)w->values[i];
+    double issued = 0, skipped = 0, nonzero = 0, pencils_issued = 0;
+    int skip = (int)c->cfg->skip_zero_activations;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t nz = 0;
+        for (int64_t kk = 0; kk < K; kk++) { xr[kk] = (int32_t)ld(x, r * K + kk); nz += xr[kk] != 0; }
+        nonzero += (double)nz;
+        for (int64_t n = 0; n < N; n++) acc[n] = bias->values[n];
+        if (w->layout == LY_PENCIL8) {
+            int64_t groups = N / 8;
+            for (int64_t g = 0; g < groups; g++) {
+                int64_t *a = acc + 8 * g;
+                uint32_t q0 = w->pencil_offsets[g], q1 = w->pencil_offsets[g + 1];
+                for (uint32_t q = q0; q < q1; q++) {
+                    int32_t xv = xr[w->pencil_index[q]];
+                    if (xv == 0) { skipped += 8; continue; }
+                    const int8_t *wd = w->pencil_words + 8 * (int64_t)q;
+                    for (int j = 0; j < 8; j++) a[j] += xv * (int32_t)wd[j];
+                    pencils_issued += 1;
+                }
+                issued += 8.0 * (q1 - q0);
+            }
+        } else {
+            dense_row(xr, w16, K, N, acc, part);
+            issued += (double)K * (double)N;
+            skipped += (double)(K - nz) * (double)N;
+        }
+        for (int64_t n = 0; n < N; n++) st(out, r * N + n, saturate(requant(acc[n], mult->values[n], ins->a[0]), ins->a[1]));
+    }
+    if (w->layout == LY_PENCIL8) issued -= skipped;
+    else issued -= skipped;
+    if (!skip) { issued += skipped; skipped = 0; }
+    free(acc); free(part); free(xr); free(w16);
+    s->macs = issued;
+    s->macs_skipped = skipped;
+    s->act_nonzero = nonzero;
+    s->act_total = (double)x->numel;
+    s->lookups = pencils_issued; /* pencil index decodes */
+    return 0;
+}
+
+static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const Tensor *a = &c->env[operand(ins, 0)], *b = &c->env[operand(ins, 1)];
+    if (need_int(c, a, "qmatmul operand", k) || need_int(c, b, "qmatmul operand", k)) return -1;
+    if (a->rank < 2 || b->rank < 2 || a->shape[a->rank - 1] != b->shape[b->rank - 2])
+        return fail(c->err, "instruction %d (qmatmul): inner dims differ", k);
+    int64_t M = a->shape[a->rank - 2], K = a->shape[a->rank - 1], N = b->shape[b->rank - 1];
+    Tensor ba = {0}, bb = {0}; /* batch shapes only */
+    ba.rank = a->rank - 2; bb.rank = b->rank - 2;
+    memcpy(ba.shape, a->shape, sizeof(int64_t) * (size_t)ba.rank);
+    memcpy(bb.shape, b->shape, sizeof(int64_t) * (size_t)bb.rank);
+    const Tensor *bt[2] = {&ba, &bb};
+    Bcast bc;
+    if (broadcast(&bc, bt, 2, c->err)) return -1;
+    if (bc.rank + 2 > SPU_MAX_RANK) return fail(c->err, "instruction %d (qmatmul): rank too large", k);
+    int64_t shape[SPU_MAX_RANK];
+    memcpy(shape, bc.shape, sizeof(int64_t) * (size_t)bc.rank);
+    shape[bc.rank] = M;
+    shape[bc.rank + 1] = N;
+    if (tensor_alloc(out, bits_dtype(ins->a[2]), bc.rank + 2, shape, c->err)) return -1;
+    int16_t *arow = malloc(sizeof(int16_t) * (size_t)(K + 1));
+    int16_t *btr = malloc(sizeof(int16_t) * (size_t)(K * N + 1)); /* b transposed: [N][K] */
+    if (!arow || !btr) { free(arow); free(btr); return fail(c->err, "out of memory"); }
+    double issued = 0, skipped = 0;
+    int64_t last_b = -1;
+    int skip = (int)c->cfg->skip_zero_activations;
+    BCAST_LOOP(bc, 2, {
+        int64_t aoff = off[0] * M * K, boff = off[1] * K * N, ooff = out_ * M * N;
+        if (boff != last_b) {
+            for (int64_t kk = 0; kk < K; kk++)
+                for (int64_t n = 0; n < N; n++) btr[n * K + kk] = (int16_t)ld(b, boff + kk * N + n);
+            last_b = boff;
+        }
+        for (int64_t m = 0; m < M; m++) {
+            int64_t nz = 0;
+            for (int64_t kk = 0; kk < K; kk++) { arow[kk] = (int16_t)ld(a, aoff + m * K + kk); nz += arow[kk] != 0; }
+            issued += (double)(skip ? nz : K) * (double)N;
+            skipped += (double)(skip ? K - nz : 0) * (double)N;
+            for (int64_t n = 0; n < N; n++)
+                st(out, ooff + m * N + n, saturate(requant(dot16(arow, btr + n * K, K), ins->a[0], ins->a[1]), ins->a[2]));
+        }
+    });
+    free(arow);
+    free(btr);
+    s->macs = issued;
+    s->macs_skipped = skipped;
+    return 0;
+}
+
+static int op_elementwise(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    int n = ins->op == OP_WHERE ? 3 : 2;
+    const Tensor *ts[3];
+    for (int j = 0; j < n; j++) ts[j] = &c->env[operand(ins, j)];
+    Bcast bc;
+    if (broadcast(&bc, ts, n, c->err)) return fail(c->err, "instruction %d (%s): shapes do not broadcast", k, spu_op_name(ins->op));
+    int dtype;
+    switch (ins->op) {
+    case OP_QADD: dtype = bits_dtype(ins->a[3]); break;
+    case OP_GREATER: case OP_LESS: case OP_EQUAL: dtype = DT_BOOL; break;
+    case OP_WHERE: dtype = ts[1]->dtype; break;
+    default: dtype = ts[0]->dtype; break;
+    }
+    if (ins->op == OP_QADD && (need_int(c, ts[0], "qadd operand", k) || need_int(c, ts[1], "qadd operand", k))) return -1;
+    if (tensor_alloc(out, dtype, bc.rank, bc.shape, c->err)) return -1;
+    switch (ins->op) {
+    case OP_QADD: {
+        int64_t ma = ins->a[0], mb = ins->a[1], sh = ins->a[2], bits = ins->a[3];
+        BCAST_LOOP(bc, 2, st(out, out_, saturate(clamp64(rshift_round_w((wide)ld(ts[0], off[0]) * ma + (wide)ld(ts[1], off[1]) * mb, sh)), bits)));
+        break;
+    }
+    case OP_ADD: BCAST_LOOP(bc, 2, st(out, out_, (int64_t)((uint64_t)ld(ts[0], off[0]) + (uint64_t)ld(ts[1], off[1])))); break;
+    case OP_SUB: BCAST_LOOP(bc, 2, st(out, out_, (int64_t)((uint64_t)ld(ts[0], off[0]) - (uint64_t)ld(ts[1], off[1])))); break;
+    case OP_GREATER: BCAST_LOOP(bc, 2, st(out, out_, ld(ts[0], off[0]) > ld(ts[1], off[1]))); break;
+    case OP_LESS: BCAST_LOOP(bc, 2, st(out, out_, ld(ts[0], off[0]) < ld(ts[1], off[1]))); break;
+    case OP_EQUAL: BCAST_LOOP(bc, 2, st(out, out_, ld(ts[0], off[0]) == ld(ts[1], off[1]))); break;
+    case OP_WHERE: BCAST_LOOP(bc, 3, st(out, out_, ld(ts[0], off[0]) ? ld(ts[1], off[1]) : ld(ts[2], off[2]))); break;
+    default: return fail(c->err, "instruction %d: not an elementwise op", k);
+    }
+    s->elements = (double)out->numel;
+    return 0;
+}
+
+static int op_unary_table(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const Tensor *x = &c->env[operand(ins, 0)];
+    if (need_int(c, x, "input", k)) return -1;
+    if (tensor_alloc(out, bits_dtype(ins->op == OP_REQUANTIZE ? ins->a[2] : ins->a[1]), x->rank, x->shape, c->err)) return -1;
+    if (ins->op == OP_REQUANTIZE) {
+        for (int64_t i = 0; i < x->numel; i++) st(out, i, saturate(requant(ld(x, i), ins->a[0], ins->a[1]), ins->a[2]));
+        s->elements = (double)x->numel;
+        return 0;
+    }
+    const BufferDesc *table = const_of(c, operand(ins, 1));
+    int64_t bits = ins->a[1], step = ins->a[0];
+    if (!table || table->dtype != DT_I32 || table->numel != (((int64_t)1 << (bits - step)) + 1) || step > bits)
+        return fail(c->err, "instruction %d (qgelu): table must be an i32 constant of 2**(bits-step_bits)+1 entries", k);
+    int64_t half = (int64_t)1 << (bits - 1);
+    for (int64_t i = 0; i < x->numel; i++) {
+        int64_t u = ld(x, i) + half;
+        if (u < 0 || (u >> step) + (step ? 1 : 0) >= table->numel)
+            return fail(c->err, "instruction %d (qgelu): input %lld outside the table", k, (long long)ld(x, i));
+        st(out, i, saturate(lut(table, u, step), bits));
+    }
+    s->elements = (double)x->numel;
+    s->lookups = (double)x->numel;
+    return 0;
+}
+
+static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const Tensor *x = &c->env[operand(ins, 0)];
+    const BufferDesc *table = const_of(c, operand(ins, 1));
+    if (need_int(c, x, "qsoftmax input", k) || x->rank < 1) return -1;
+    int64_t step = ins->a[0], bits = ins->a[1], in_bits = x->dtype == DT_I8 ? 8 : 16;
+    if (!table || table->dtype != DT_I32 || step > in_bits || table->numel != (((int64_t)1 << (in_bits - step)) + 1))
+        return fail(c->err, "instruction %d (qsoftmax): table must be an i32 constant of 2**(input bits - step_bits)+1 entries", k);
+    if (tensor_alloc(out, bits_dtype(bits), x->rank, x->shape, c->err)) return -1;
+    int64_t n = x->shape[x->rank - 1], rows = n ? x->numel / n : 0;
+    int64_t *e = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    if (!e) return fail(c->err, "out of memory");
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t m = INT64_MIN, total = 0;
+        for (int64_t j = 0; j < n; j++) { int64_t v = ld(x, r * n + j); m = v > m ? v : m; }
+        for (int64_t j = 0; j < n; j++) {
+            int64_t d = m - ld(x, r * n + j);
+            if ((d >> step) + (step ? 1 : 0) >= table->numel) { free(e); return fail(c->err, "instruction %d (qsoftmax): input outside the table", k); }
+            e[j] = lut(table, d, step);
+            if (e[j] < 0) { free(e); return fail(c->err, "instruction %d (qsoftmax): negative exp table entry", k); }
+            total += e[j];
+        }
+        if (total <= 0) { free(e); return fail(c->err, "instruction %d (qsoftmax): row sums to %lld", k, (long long)total); }
+        for (int64_t j = 0; j < n; j++) st(out, r * n + j, saturate((e[j] * ((int64_t)1 << (bits - 1)) + total / 2) / total, bits));
+    }
+    free(e);
+    s->elements = (double)x->numel;
+    s->lookups = (double)x->numel;
+    return 0;
+}
+
+static int op_qlayer_norm(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const Tensor *x = &c->env[operand(ins, 0)];
+    const BufferDesc *gamma = const_of(c, operand(ins, 1)), *beta = const_of(c, operand(ins, 2));
+    if (need_int(c, x, "qlayer_norm input", k) || x->rank < 1) return -1;
+    int64_t n = x->shape[x->rank - 1];
+    if (!gamma || !beta || gamma->numel != n || beta->numel != n || n < 1 || n > (1 << 20))
+        return fail(c->err, "instruction %d (qlayer_norm): gamma and beta must be constants of the last dim", k);
+    for (int64_t j = 0; j < n; j++)
+        if (gamma->values[j] > (INT64_C(1) << 24) || gamma->values[j] < -(INT64_C(1) << 24))
+            return fail(c->err, "instruction %d (qlayer_norm): gamma beyond 2**24", k);
+    if (tensor_alloc(out, bits_dtype(ins->a[2]), x->rank, x->shape, c->err)) return -1;
+    int64_t rows = x->numel / n, eps = ins->a[0], gs = ins->a[1], bits = ins->a[2];
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t sum = 0, var = 0;
+        for (int64_t j = 0; j < n; j++) sum += ld(x, r * n + j);
+        int64_t mu = floordiv(2 * sum + n, 2 * n);
+        for (int64_t j = 0; j < n; j++) { int64_t d = ld(x, r * n + j) - mu; var += d * d; }
+        var = var / n + eps;
+        int64_t f = floordiv(40 - bit_length(var), 2);
+        f = f > 0 ? f : 0;
+        int64_t sd = isqrt64(var * ((int64_t)1 << (2 * f)));
+        for (int64_t j = 0; j < n; j++) {
+            int64_t num = (ld(x, r * n + j) - mu) * gamma->values[j] * ((int64_t)1 << f);
+            int64_t y = clamp64((wide)rshift_round(floordiv(2 * num + sd, 2 * sd), gs) + beta->values[j]);
+            st(out, r * n + j, saturate(y, bits));
+        }
+    }
+    s->elements = (double)x->numel;
+    s->lookups = (double)rows; /* one square root per row */
+    return 0;
+}
+
+static int op_qgather(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const BufferDesc *table = const_of(c, operand(ins, 0)), *mult = const_of(c, operand(ins, 1));
+    const Tensor *ids = &c->env[operand(ins, 2)];
+    if (!table || !mult || table->rank != 2 || mult->numel != table->shape[1] || ids->rank + 1 > SPU_MAX_RANK)
+        return fail(c->err, "instruction %d (qgather): needs a [dim, rows] table and per-row multipliers", k);
+    int64_t D = table->shape[0], V = table->shape[1], shape[SPU_MAX_RANK];
+    memcpy(shape, ids->shape, sizeof(int64_t) * (size_t)ids->rank);
+    shape[ids->rank] = D;
+    if (tensor_alloc(out, bits_dtype(ins->a[1]), ids->rank + 1, shape, c->err)) return -1;
+    for (int64_t i = 0; i < ids->numel; i++) {
+        int64_t id = ld(ids, i);
+        if (id < 0) id += V;
+        if (id < 0 || id >= V) return fail(c->err, "instruction %d (qgather): index %lld out of range for %lld rows", k, (long long)ld(ids, i), (long long)V);
+        for (int64_t d = 0; d < D; d++)
+            st(out, i * D + d, saturate(requant(table->values[d * V + id], mult->values[id], ins->a[0]), ins->a[1]));
+    }
+    s->elements = (double)out->numel;
+    return 0;
+}
+
+/* values of a small integer tensor (shape vectors, axes, scalars) */
+static int int_values(Ctx *c, const Tensor *t, int64_t *out, int max, int k, const char *what) {
+    if (t->numel > max) return fail(c->err, "instruction %d: %s has %lld values, at most %d allowed", k, what, (long long)t->numel, max);
+    for (int64_t i = 0; i < t->numel; i++) out[i] = ld(t, i);
+    return (int)t->numel;
+}
+
+static int copy_view(Ctx *c, const Tensor *x, Tensor *out, int rank, const int64_t *shape, int k) {
+    int64_t n = 1;
+    for (int i = 0; i < rank; i++) n *= shape[i];
+    if (n != x->numel) return fail(c->err, "instruction %d (%s): %lld elements cannot take the new shape", k, "reshape", (long long)x->numel);
+    if (tensor_alloc(out, x->dtype, rank, shape, c->err)) return -1;
+    memcpy(out->data, x->data, (size_t)(x->numel * spu_dtype_size(x->dtype)));
+    return 0;
+}
+
+static int64_t norm_axis(int64_t a, int rank) { return a < 0 ? a + rank : a; }
+
+static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
+    const Tensor *x = &c->env[operand(ins, 0)];
+    int64_t shape[SPU_MAX_RANK], vals[SPU_MAX_RANK + 2];
+    switch (ins->op) {
+    case OP_IDENTITY: return copy_view(c, x, out, x->rank, x->shape, k);
+    case OP_RESHAPE: {
+        int n = int_values(c, &c->env[operand(ins, 1)], vals, SPU_MAX_RANK, k, "reshape shape");
+        if (n < 0) return -1;
+        int infer = -1;
+        int64_t known = 1;
+        for (int i = 0; i < n; i++) {
+            int64_t d = vals[i];
+            if (d == 0 && !(ins->has[0] && ins->a[0])) {
+                if (i >= x->rank) return fail(c->err, "instruction %d (reshape): 0 refers past the input rank", k);
+                d = x->shape[i];
+            }
+            if (d == -1) {
+                if (infer >= 0) return fail(c->err, "instruction %d (reshape): two -1 dims", k);
+                infer = i;
+                shape[i] = 1;
+                continue;
+            }
+            if (d < 0) return fail(c->err, "instruction %d (reshape): negative dim %lld", k, (long long)d);
+            shape[i] = d;
+            known *= d;
+        }
+        if (infer >= 0) {
+            if (known == 0 || x->numel % known) return fail(c->err, "instruction %d (reshape): cannot infer -1", k);
+            shape[infer] = x->numel / known;
+        }
+        return copy_view(c, x, out, n, shape, k);
+    }
+    case OP_SQUEEZE: case OP_UNSQUEEZE: {
+        int n = ins->n_in > 1 ? int_values(c, &c->env[operand(ins, 1)], vals, SPU_MAX_RANK, k, "axes") : 0;
+        if (n < 0) return -1;
+        int rank = 0;
+        if (ins->op == OP_SQUEEZE) {
+            int drop[SPU_MAX_RANK] = {0};
+            for (int i = 0; i < n; i++) {
+                int64_t a = norm_axis(vals[i], x->rank);
+                if (a < 0 || a >= x->rank || x->shape[a] != 1) return fail(c->err, "instruction %d (squeeze): axis %lld is not a dim of size 1", k, (long long)vals[i]);
+                drop[a] = 1;
+            }
+            for (int i = 0; i < x->rank; i++)
+                if (!(n ? drop[i] : x->shape[i] == 1)) shape[rank++] = x->shape[i];
+        } else {
+            rank = x->rank + n;
+            if (rank > SPU_MAX_RANK) return fail(c->err, "instruction %d (unsqueeze): rank too large", k);
+            int add[SPU_MAX_RANK] = {0};
+            for (int i = 0; i < n; i++) {
+                int64_t a = norm_axis(vals[i], rank);
+                if (a < 0 || a >= rank || add[a]) return fail(c->err, "instruction %d (unsqueeze): bad axis %lld", k, (long long)vals[i]);
+                add[a] = 1;
+            }
+            for (int i = 0, j = 0; i < rank; i++) shape[i] = add[i] ? 1 : x->shape[j++];
+        }
+        return copy_view(c, x, out, rank, shape, k);
+    }
+    case OP_SHAPE: {
+        int64_t start = ins->has[0] ? ins->a[0] : 0, end = ins->has[1] ? ins->a[1] : x->rank;
+        if (start < 0) start += x->rank;
+        if (end < 0) end += x->rank;
+        start = start < 0 ? 0 : (start > x->rank ? x->rank : start);
+        end = end < start ? start : (end > x->rank ? x->rank : end);
+        int64_t len = end - start;
+        if (tensor_alloc(out, DT_I64, 1, &len, c->err)) return -1;
+        for (int64_t i = 0; i < len; i++) st(out, i, x->shape[start + i]);
+        return 0;
+    }
+    case OP_RANGE: {
+        const Tensor *a = &c->env[operand(ins, 0)], *b = &c->env[operand(ins, 1)], *d = &c->env[operand(ins, 2)];
+        if (a->numel != 1 || b->numel != 1 || d->numel != 1) return fail(c->err, "instruction %d (range): start, limit and delta must be scalars", k);
+        int64_t s0 = ld(a, 0), lim = ld(b, 0), del = ld(d, 0);
+        if (del == 0) return fail(c->err, "instruction %d (range): delta is 0", k);
+        int64_t n = (lim - s0 + del + (del > 0 ? -1 : 1)) / del;
+        n = n > 0 ? n : 0;
+        if (n > MAX_ELEMENTS) return fail(c->err, "instruction %d (range): too long", k);
+        if (tensor_alloc(out, a->dtype, 1, &n, c->err)) return -1;
+        for (int64_t i = 0; i < n; i++) st(out, i, s0 + i * del);
+        return 0;
+    }
+    case OP_TRANSPOSE: {
+        int64_t perm[SPU_MAX_RANK];
+        if (ins->list_len >= 0 && ins->list_len != x->rank) return fail(c->err, "instruction %d (transpose): perm length differs from rank", k);
+        int seen[SPU_MAX_RANK] = {0};
+        for (int i = 0; i < x->rank; i++) {
+            perm[i] = ins->list_len >= 0 ? ins->list[i] : x->rank - 1 - i;
+            if (perm[i] < 0 || perm[i] >= x->rank || seen[perm[i]]++) return fail(c->err, "instruction %d (transpose): bad perm", k);
+            shape[i] = x->shape[perm[i]];
+        }
+        if (tensor_alloc(out, x->dtype, x->rank, shape, c->err)) return -1;
+        int64_t xs[SPU_MAX_RANK], idx[SPU_MAX_RANK] = {0}, off = 0;
+        strides_of(x->shape, x->rank, xs);
+        for (int64_t o = 0; o < out->numel; o++) {
+            st(out, o, ld(x, off));
+            for (int i = x->rank - 1; i >= 0; i--) {
+                idx[i]++;
+                off += xs[perm[i]];
+                if (idx[i] < shape[i]) break;
+                off -= xs[perm[i]] * shape[i];
+                idx[i] = 0;
+            }
+        }
+        s->elements = (double)out->numel;
+        return 0;
+    }
+    case OP_CONCAT: {
+        int64_t axis = norm_axis(ins->a[0], x->rank);
+        if (axis < 0 || axis >= x->rank) return fail(c->err, "instruction %d (concat): axis out of range", k);
+        memcpy(shape, x->shape, sizeof(shape));
+        shape[axis] = 0;
+        for (int j = 0; j < ins->n_in; j++) {
+            const Tensor *t = &c->env[operand(ins, j)];
+            if (t->rank != x->rank || t->dtype != x->dtype) return fail(c->err, "instruction %d (concat): inputs differ in rank or dtype", k);
+            for (int i = 0; i < x->rank; i++)
+                if (i != axis && t->shape[i] != x->shape[i]) return fail(c->err, "instruction %d (concat): inputs differ off the axis", k);
+            shape[axis] += t->shape[axis];
+        }
+        if (tensor_alloc(out, x->dtype, x->rank, shape, c->err)) return -1;
+        int64_t outer = 1, inner = 1;
+        for (int i = 0; i < axis; i++) outer *= shape[i];
+        for (int i = (int)axis + 1; i < x->rank; i++) inner *= shape[i];
+        int64_t at = 0, es = spu_dtype_size(x->dtype);
+        for (int j = 0; j < ins->n_in; j++) {
+            const Tensor *t = &c->env[operand(ins, j)];
+            int64_t chunk = t->shape[axis] * inner;
+            for (int64_t o = 0; o < outer; o++)
+                memcpy((char *)out->data + (o * shape[axis] * inner + at) * es, (const char *)t->data + o * chunk * es, (size_t)(chunk * es));
+            at += chunk;
+        }
+        s->elements = (double)out->numel;
+        return 0;
+    }
+    case OP_GATHER: {
+        const Tensor *ids = &c->env[operand(ins, 1)];
+        int64_t axis = norm_axis(ins->has[0] ? ins->a[0] : 0, x->rank);
+        if (axis < 0 || axis >= x->rank || x->rank - 1 + ids->rank > SPU_MAX_RANK) return fail(c->err, "instruction %d (gather): axis or rank out of range", k);
+        int r = 0;
+        for (int i = 0; i < axis; i++) shape[r++] = x->shape[i];
+        for (int i = 0; i < ids->rank; i++) shape[r++] = ids->shape[i];
+        for (int i = (int)axis + 1; i < x->rank; i++) shape[r++] = x->shape[i];
+        if (tensor_alloc(out, x->dtype, r, shape, c->err)) return -1;
+        int64_t outer = 1, inner = 1, n = x->shape[axis];
+        for (int i = 0; i < axis; i++) outer *= x->shape[i];
+        for (int i = (int)axis + 1; i < x->rank; i++) inner *= x->shape[i];
+        for (int64_t o = 0; o < outer; o++)
+            for (int64_t j = 0; j < ids->numel; j++) {
+                int64_t id = ld(ids, j);
+                if (id < 0) id += n;
+                if (id < 0 || id >= n) return fail(c->err, "instruction %d (gather): index %lld out of range for %lld", k, (long long)ld(ids, j), (long long)n);
+                for (int64_t i = 0; i < inner; i++) st(out, (o * ids->numel + j) * inner + i, ld(x, (o * n + id) * inner + i));
+            }
+        return 0;
+    }
+    case OP_GATHER_ND: {
+        const Tensor *ids = &c->env[operand(ins, 1)];
+        if (ids->rank < 1) return fail(c->err, "instruction %d (gather_nd): indices need a last dim", k);
+        int64_t depth = ids->shape[ids->rank - 1];
+        if (depth > x->rank || ids->rank - 1 + x->rank - depth > SPU_MAX_RANK) return fail(c->err, "instruction %d (gather_nd): index depth too large", k);
+        int r = 0;
+        for (int i = 0; i < ids->rank - 1; i++) shape[r++] = ids->shape[i];
+        for (int i = (int)depth; i < x->rank; i++) shape[r++] = x->shape[i];
+        if (tensor_alloc(out, x->dtype, r, shape, c->err)) return -1;
+        int64_t xs[SPU_MAX_RANK], inner = 1, points = depth ? ids->numel / depth : 1;
+        strides_of(x->shape, x->rank, xs);
+        for (int i = (int)depth; i < x->rank; i++) inner *= x->shape[i];
+        for (int64_t q = 0; q < points; q++) {
+            int64_t off = 0;
+            for (int64_t d = 0; d < depth; d++) {
+                int64_t v = ld(ids, q * depth + d);
+                if (v < 0) v += x->shape[d];
+                if (v < 0 || v >= x->shape[d]) return fail(c->err, "instruction %d (gather_nd): index %lld out of range", k, (long long)ld(ids, q * depth + d));
+                off += v * xs[d];
+            }
+            for (int64_t i = 0; i < inner; i++) st(out, q * inner + i, ld(x, off + i));
+        }
+        return 0;
+    }
+    case OP_EXPAND: {
+        int n = int_values(c, &c->env[operand(ins, 1)], vals, SPU_MAX_RANK, k, "expand shape");
+        if (n < 0) return -1;
+        Tensor shp = {0};
+        shp.rank = n;
+        for (int i = 0; i < n; i++) { if (vals[i] < 0) return fail(c->err, "instruction %d (expand): negative dim", k); shp.shape[i] = vals[i]; }
+        const Tensor *ts[2] = {x, &shp};
+        Bcast bc;
+        if (broadcast(&bc, ts, 2, c->err)) return fail(c->err, "instruction %d (expand): shapes do not broadcast", k);
+        if (tensor_alloc(out, x->dtype, bc.rank, bc.shape, c->err)) return -1;
+        BCAST_LOOP(bc, 1, st(out, out_, ld(x, off[0])));
+        return 0;
+    }
+    case OP_SLICE: {
+        int64_t starts[SPU_MAX_RANK + 2], ends[SPU_MAX_RANK + 2], axes[SPU_MAX_RANK + 2], steps[SPU_MAX_RANK + 2];
+        int n = int_values(c, &c->env[operand(ins, 1)], starts, SPU_MAX_RANK, k, "starts");
+        if (n < 0 || int_values(c, &c->env[operand(ins, 2)], ends, SPU_MAX_RANK, k, "ends") != n) return fail(c->err, "instruction %d (slice): starts and ends differ", k);
+        for (int i = 0; i < n; i++) { axes[i] = i; steps[i] = 1; }
+        if (ins->n_in > 3 && int_values(c, &c->env[operand(ins, 3)], axes, SPU_MAX_RANK, k, "axes") != n) return fail(c->err, "instruction %d (slice): axes differ", k);
+        if (ins->n_in > 4 && int_values(c, &c->env[operand(ins, 4)], steps, SPU_MAX_RANK, k, "steps") != n) return fail(c->err, "instruction %d (slice): steps differ", k);
+        int64_t lo[SPU_MAX_RANK], step[SPU_MAX_RANK];
+        for (int i = 0; i < x->rank; i++) { lo[i] = 0; step[i] = 1; shape[i] = x->shape[i]; }
+        for (int i = 0; i < n; i++) {
+            int64_t a = axes[i], d;
+            if (a < 0 || a >= x->rank) return fail(c->err, "instruction %d (slice): axis %lld out of range", k, (long long)a);
+            d = x->shape[a];
+            int64_t s0 = starts[i], e0 = ends[i], sp = steps[i];
+            if (sp == 0) return fail(c->err, "instruction %d (slice): step 0", k);
+            /* python slice.indices */
+            if (sp > 0) {
+                s0 = s0 < 0 ? (s0 + d < 0 ? 0 : s0 + d) : (s0 > d ? d : s0);
+                e0 = e0 < 0 ? (e0 + d < 0 ? 0 : e0 + d) : (e0 > d ? d : e0);
+                shape[a] = e0 > s0 ? (e0 - s0 + sp - 1) / sp : 0;
+            } else {
+                s0 = s0 < 0 ? (s0 + d < 0 ? -1 : s0 + d) : (s0 >= d ? d - 1 : s0);
+                e0 = e0 < 0 ? (e0 + d < 0 ? -1 : e0 + d) : (e0 >= d ? d - 1 : e0);
+                shape[a] = s0 > e0 ? (s0 - e0 - sp - 1) / -sp : 0;
+            }
+            lo[a] = s0;
+            step[a] = sp;
+        }
+        if (tensor_alloc(out, x->dtype, x->rank, shape, c->err)) return -1;
+        int64_t xs[SPU_MAX_RANK], idx[SPU_MAX_RANK] = {0};
+        strides_of(x->shape, x->rank, xs);
+        for (int64_t o = 0; o < out->numel; o++) {
+            int64_t off = 0;
+            for (int i = 0; i < x->rank; i++) off += (lo[i] + idx[i] * step[i]) * xs[i];
+            st(out, o, ld(x, off));
+            for (int i = x->rank - 1; i >= 0; i--) {
+                if (++idx[i] < shape[i]) break;
+                idx[i] = 0;
+            }
+        }
+        return 0;
+    }
+    case OP_IM2COL: {
+        if (x->rank != 3) return fail(c->err, "instruction %d (im2col): input must be [N, C, L]", k);
+        int64_t K = ins->a[0], stride = ins->has[1] ? ins->a[1] : 1, dil = ins->has[2] ? ins->a[2] : 1;
+        int64_t plo = ins->list_len == 2 ? ins->list[0] : 0, phi = ins->list_len == 2 ? ins->list[1] : 0;
+        int64_t N = x->shape[0], C = x->shape[1], L = x->shape[2];
+        int64_t span = L + plo + phi - dil * (K - 1) - 1;
+        int64_t Lo = span >= 0 ? span / stride + 1 : 0;
+        shape[0] = N; shape[1] = Lo; shape[2] = C * K;
+        if (tensor_alloc(out, x->dtype, 3, shape, c->err)) return -1;
+        for (int64_t b = 0; b < N; b++)
+            for (int64_t t = 0; t < Lo; t++)
+                for (int64_t ch = 0; ch < C; ch++)
+                    for (int64_t j = 0; j < K; j++) {
+                        int64_t pos = t * stride + j * dil - plo;
+                        int64_t v = (pos >= 0 && pos < L) ? ld(x, (b * C + ch) * L + pos) : 0;
+                        st(out, ((b * Lo + t) * C + ch) * K + j, v);
+                    }
+        s->elements = (double)out->numel;
+        return 0;
+    }
+    default: return fail(c->err, "instruction %d: unknown op", k);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ timing model */
+
+static double bytes_of(const Tensor *t) { return (double)(t->numel * spu_dtype_size(t->dtype)); }
+
+/* which SRAM bank a buffer starts in (bank-interleaved by address) */
+static int64_t bank_of(const Config *cfg, const BufferDesc *b) {
+    int64_t bank_bytes = cfg->sram_bank_words * 8;
+    return bank_bytes ? (int64_t)(b->address / (uint64_t)bank_bytes) % (cfg->sram_banks_per_core ? cfg->sram_banks_per_core : 1) : 0;
+}
+
+static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) {
+    const Config *cfg = c->cfg;
+    const Program *p = c->p;
+    double lanes = (double)(cfg->mac_lanes_per_core * cfg->cores);
+    double cores = (double)cfg->cores;
+    double bank_words[64] = {0};
+    int banks = (int)(cfg->sram_banks_per_core > 64 ? 64 : cfg->sram_banks_per_core);
+    double ext = 0, transfers = 0;
+    /* operands: SRAM words read per bank, external bytes for streamed weights and spilled activations */
+    for (int j = 0; j < ins->n_in + ins->n_out; j++) {
+        uint16_t id = operand(ins, j);
+        const BufferDesc *b = &p->buffers[id];
+        const Tensor *t = j < ins->n_in ? &c->env[id] : out;
+        double bytes = (b->region == RG_CONST || b->region == RG_STREAM) ? (double)b->nbytes : bytes_of(t);
+        double words = ceil(bytes / 8.0);
+        if (j < ins->n_in) s->sram_read_words += words; else s->sram_write_words += words;
+        if (b->region == RG_STREAM || b->region == RG_EXTERNAL || b->region == RG_INPUT || b->region == RG_OUTPUT) {
+            ext += bytes;
+            transfers += 1;
+        }
+        if (banks > 0 && (b->region == RG_SRAM || b->region == RG_CONST)) bank_words[bank_of(cfg, b) % banks] += words / cores;
+    }
+    double spread = (s->sram_read_words + s->sram_write_words) / cores / (banks > 0 ? banks : 1);
+    double worst = 0;
+    for (int i = 0; i < banks; i++) worst = bank_words[i] > worst ? bank_words[i] : worst;
+    double ports = (double)(cfg->bank_read_ports > 0 ? cfg->bank_read_ports : 1);
+    s->sram_cycles = (worst > spread ? worst : spread) / ports;
+    s->bank_conflict_cycles = worst > spread ? (worst - spread) / ports : 0;
+    switch (ins->op) {
+    case OP_QDENSE:
+        s->compute_cycles = ceil(s->macs / lanes) + s->lookups * (double)cfg->pencil_decode_cycles / cores;
+        break;
+    case OP_QMATMUL: s->compute_cycles = ceil(s->macs / lanes); break;
+    case OP_QGELU: case OP_QSOFTMAX: case OP_QLAYER_NORM:
+        s->compute_cycles = ceil(s->elements / lanes) + ceil(s->lookups * (double)cfg->table_lookup_cycles / lanes);
+        break;
+    default: s->compute_cycles = ceil(s->elements / lanes); break;
+    }
+    s->external_bytes = ext;
+    s->transfer_cycles = ext > 0 ? ext / (double)(cfg->external_bandwidth_bytes_per_cycle > 0 ? cfg->external_bandwidth_bytes_per_cycle : 1)
+                                       + transfers * (double)cfg->external_latency_cycles : 0;
+    /* double-buffered tiles: transfer overlaps compute and SRAM traffic; the cores meet at a barrier */
+    double busy = s->compute_cycles > s->sram_cycles ? s->compute_cycles : s->sram_cycles;
+    s->cycles = (busy > s->transfer_cycles ? busy : s->transfer_cycles) + (double)cfg->core_sync_cycles;
+    int a16 = 1;
+    if (ins->op == OP_QDENSE || ins->op == OP_QMATMUL) a16 = c->env[operand(ins, 0)].dtype == DT_I16;
+    s->energy_pj[0] = s->macs * (a16 ? cfg->e_mac_int16 : cfg->e_mac_int8);
+    s->energy_pj[1] = s->sram_read_words * cfg->e_sram_read_64b + s->sram_write_words * cfg->e_sram_write_64b;
+    s->energy_pj[2] = (ins->op == OP_QDENSE ? 0 : s->lookups) * cfg->e_table_lookup;
+    s->energy_pj[3] = ext * cfg->e_external_read_byte;
+    s->energy_pj[4] = s->elements * cfg->e_add_int32;
+}
+
+/* ------------------------------------------------------------------------------------------ run */
+
+static int check_declared(Ctx *c, const BufferDesc *b, const Tensor *t, int k, uint16_t id) {
+    if (t->dtype != b->dtype || t->rank != b->rank)
+        return fail(c->err, "instruction %d (%s) made a tensor of dtype %d rank %d, buffer %u (%s) is dtype %d rank %d", k,
+                    spu_op_name(c->p->code[k].op), t->dtype, t->rank, id, b->name, b->dtype, b->rank);
+    for (int i = 0; i < b->rank; i++) {
+        Dim d = b->dims[i];
+        if (d.c == -1 && d.t == 0 && d.p == 0) continue;
+        int64_t want = d.c + (int64_t)d.t * c->T + (int64_t)d.p * c->P;
+        if (want != t->shape[i])
+            return fail(c->err, "instruction %d (%s) made dim %d = %lld, buffer %u (%s) declares %lld", k, spu_op_name(c->p->code[k].op), i,
+                        (long long)t->shape[i], id, b->name, (long long)want);
+    }
+    return 0;
+}
+
+int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs, InstrStats *stats, char *err) {
+    Ctx c = {p, cfg, NULL, stats, 0, 0, err};
+    int64_t T = -1, P = -1;
+    /* bind T and P from the inputs */
+    for (uint32_t i = 0; i < p->n_inputs; i++) {
+        const BufferDesc *b = &p->buffers[p->symbols[i].buffer];
+        Tensor *x = &inputs[i];
+        if (x->dtype != b->dtype || x->rank != b->rank)
+            return fail(err, "%s: input %s has dtype %d rank %d, expected dtype %d rank %d", p->graph, p->symbols[i].name, x->dtype, x->rank, b->dtype, b->rank);
+        for (int k = 0; k < b->rank; k++) {
+            Dim d = b->dims[k];
+            int64_t *sym = NULL, coef = 0;
+            if (d.t && !d.p) { sym = &T; coef = d.t; }
+            if (d.p && !d.t) { sym = &P; coef = d.p; }
+            if (!sym) continue;
+            int64_t v = x->shape[k] - d.c;
+            if (v < 0 || v % coef || (*sym >= 0 && *sym != v / coef))
+                return fail(err, "%s: input %s dim %lld does not fit its declared dim", p->graph, p->symbols[i].name, (long long)x->shape[k]);
+            *sym = v / coef;
+        }
+    }
+    c.T = T < 0 ? 0 : T;
+    c.P = P < 0 ? 0 : P;
+    for (uint32_t i = 0; i < p->n_inputs; i++) {
+        const BufferDesc *b = &p->buffers[p->symbols[i].buffer];
+        for (int k = 0; k < b->rank; k++) {
+            Dim d = b->dims[k];
+            if (d.c == -1 && !d.t && !d.p) continue;
+            if (d.c + (int64_t)d.t * c.T + (int64_t)d.p * c.P != inputs[i].shape[k])
+                return fail(err, "%s: input %s has dim %d = %lld, expected %lld", p->graph, p->symbols[i].name, k,
+                            (long long)inputs[i].shape[k], (long long)(d.c + (int64_t)d.t * c.T + (int64_t)d.p * c.P));
+        }
+    }
+    c.env = calloc(p->n_buffers + 1, sizeof(Tensor));
+    if (!c.env) return fail(err, "out of memory");
+    for (uint32_t i = 0; i < p->n_inputs; i++) {
+        Tensor *t = &c.env[p->symbols[i].buffer];
+        *t = inputs[i];
+        t->owned = 0;
+    }
+    /* constants are visible as tensors too (data movement ops may read them) */
+    int64_t **const_data = calloc(p->n_buffers + 1, sizeof(int64_t *));
+    if (!const_data) { free(c.env); return fail(err, "out of memory"); }
+    int rc = 0;
+    for (uint32_t i = 0; i < p->n_buffers && !rc; i++) {
+        const BufferDesc *b = &p->buffers[i];
+        if (b->region != RG_CONST && b->region != RG_STREAM) continue;
+        Tensor *t = &c.env[i];
+        rc = tensor_alloc(t, b->dtype, b->rank, b->shape, err);
+        for (int64_t j = 0; !rc && j < b->numel; j++) st(t, j, b->values[j]);
+    }
+    for (uint32_t k = 0; k < p->n_code && !rc; k++) {
+        const Instr *ins = &p->code[k];
+        InstrStats *s = &stats[k];
+        memset(s, 0, sizeof(*s));
+        Tensor out = {0};
+        switch (ins->op) {
+        case OP_QDENSE: rc = op_qdense(&c, ins, (int)k, &out, s); break;
+        case OP_QMATMUL: rc = op_qmatmul(&c, ins, (int)k, &out, s); break;
+        case OP_QADD: case OP_ADD: case OP_SUB: case OP_GREATER: case OP_LESS: case OP_EQUAL: case OP_WHERE:
+            rc = op_elementwise(&c, ins, (int)k, &out, s);
+            break;
+        case OP_REQUANTIZE: case OP_QGELU: rc = op_unary_table(&c, ins, (int)k, &out, s); break;
+        case OP_QSOFTMAX: rc = op_qsoftmax(&c, ins, (int)k, &out, s); break;
+        case OP_QLAYER_NORM: rc = op_qlayer_norm(&c, ins, (int)k, &out, s); break;
+        case OP_QGATHER: rc = op_qgather(&c, ins, (int)k, &out, s); break;
+        default: rc = op_move(&c, ins, (int)k, &out, s); break;
+        }
+        if (!rc) {
+            uint16_t id = operand(ins, ins->n_in);
+            rc = check_declared(&c, &p->buffers[id], &out, (int)k, id);
+            if (!rc) {
+                account(&c, ins, &out, s);
+                tensor_free(&c.env[id]);
+                c.env[id] = out;
+            }
+        }
+        if (rc) tensor_free(&out);
+    }
+    for (uint32_t i = 0; i < p->n_outputs && !rc; i++) {
+        uint32_t id = p->symbols[p->n_inputs + i].buffer;
+        if (outputs[i].data) continue; /* an earlier output with the same buffer made it */
+        Tensor *t = &c.env[id];
+        if (t->owned) {
+            outputs[i] = *t;
+            t->owned = 0;
+            t->data = NULL;
+        } else { /* an input passed straight through: copy it */
+            rc = tensor_alloc(&outputs[i], t->dtype, t->rank, t->shape, err);
+            if (!rc) memcpy(outputs[i].data, t->data, (size_t)(t->numel * spu_dtype_size(t->dtype)));
+        }
+        /* the same buffer may be two outputs; the first took it */
+        for (uint32_t j = i + 1; j < p->n_outputs; j++)
+            if (p->symbols[p->n_inputs + j].buffer == id) {
+                rc = tensor_alloc(&outputs[j], outputs[i].dtype, outputs[i].rank, outputs[i].shape, err);
+                if (!rc) memcpy(outputs[j].data, outputs[i].data, (size_t)(outputs[i].numel * spu_dtype_size(outputs[i].dtype)));
+            }
+    }
+    for (uint32_t i = 0; i < p->n_buffers; i++) tensor_free(&c.env[i]);
+    free(c.env);
+    free(const_data);
+    return rc;
+}

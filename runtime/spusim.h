@@ -1,0 +1,108 @@
+/* spu001 cycle simulator: shared types.
+ *
+ * The simulator reads the .spu format of femtocc/runtime/program.py (version 1), validates it
+ * completely, runs it with the integer semantics of femtocc/ir/qops.py (bit-exact with the
+ * reference runtime), and counts cycles, MACs, SRAM and external traffic, and energy with the
+ * timing model of docs/spu001.md, every parameter taken from the target description.
+ */
+#ifndef SPUSIM_H
+#define SPUSIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SPU_MAX_RANK 6
+#define SPU_ERR_LEN 512
+
+enum { DT_I8, DT_I16, DT_I32, DT_I64, DT_BOOL, DT_U8, DT_COUNT };
+enum { RG_INPUT, RG_OUTPUT, RG_CONST, RG_SRAM, RG_EXTERNAL, RG_STREAM, RG_COUNT };
+enum { LY_RAW, LY_DENSE, LY_PENCIL8, LY_COUNT };
+
+/* opcodes: the order of ISA in femtocc/runtime/program.py */
+enum {
+    OP_QDENSE, OP_QMATMUL, OP_QADD, OP_REQUANTIZE, OP_QGELU, OP_QSOFTMAX, OP_QLAYER_NORM, OP_QGATHER,
+    OP_IM2COL, OP_TRANSPOSE, OP_RESHAPE, OP_CONCAT, OP_SLICE, OP_GATHER, OP_GATHER_ND, OP_SQUEEZE,
+    OP_UNSQUEEZE, OP_EXPAND, OP_WHERE, OP_SHAPE, OP_RANGE, OP_ADD, OP_SUB, OP_GREATER, OP_LESS,
+    OP_EQUAL, OP_IDENTITY, OP_COUNT
+};
+
+typedef struct { int32_t c, t, p; } Dim;
+
+typedef struct {
+    const char *name;
+    int dtype, region, layout, rank;
+    Dim dims[SPU_MAX_RANK];
+    uint64_t address, nbytes, blob_offset;
+    uint32_t bits;
+    const uint8_t *blob;       /* constants: their bytes inside the program */
+    /* decoded constant (any layout): int64 copy of the values; pencil8 also keeps its structure */
+    int64_t *values;
+    int64_t numel;
+    int64_t shape[SPU_MAX_RANK];
+    const uint32_t *pencil_offsets; /* pencil8: [groups + 1] */
+    uint16_t *pencil_index;         /* pencil8: input index per pencil */
+    int8_t *pencil_words;           /* pencil8: 8 weights per pencil (int4 unpacked) */
+    int64_t pencils;
+} BufferDesc;
+
+typedef struct {
+    int op, n_in, n_out, n_params, tile_rows;
+    const uint16_t *ids;   /* n_in inputs then n_out outputs (little-endian in the file) */
+    int64_t *params;
+    /* decoded attributes */
+    int64_t a[8];          /* scalar attributes in ISA order */
+    int64_t list[SPU_MAX_RANK + 2];
+    int list_len;
+    int has[8];
+} Instr;
+
+typedef struct { const char *name; uint32_t buffer; double scale; } Symbol;
+
+typedef struct {
+    uint8_t *data;      /* owned copy of the file */
+    size_t size;
+    char target[17], graph[17];
+    uint32_t n_strings, n_buffers, n_code, n_inputs, n_outputs;
+    uint64_t blob_bytes, external_bytes;
+    uint32_t sram_bytes_per_core, cores;
+    char **strings;
+    BufferDesc *buffers;
+    Instr *code;
+    Symbol *symbols;    /* inputs then outputs */
+} Program;
+
+typedef struct {
+    int64_t cores, mac_lanes_per_core, pencil, pencil_index_bits, pencil_decode_cycles, bank_read_ports,
+        sram_banks_per_core, sram_bank_words, table_lookup_cycles, external_bandwidth_bytes_per_cycle,
+        external_latency_cycles, core_sync_cycles, skip_zero_activations, threads_per_core;
+    double clock_hz;
+    double e_mac_int8, e_mac_int16, e_add_int32, e_sram_read_64b, e_sram_write_64b, e_table_lookup,
+        e_external_read_byte;
+} Config;
+
+typedef struct {
+    int dtype, rank;
+    int64_t shape[SPU_MAX_RANK];
+    int64_t numel;
+    void *data;
+    int owned;
+} Tensor;
+
+typedef struct {
+    double cycles, compute_cycles, transfer_cycles, sram_cycles;
+    double macs, macs_skipped, elements, lookups;
+    double sram_read_words, sram_write_words, external_bytes, bank_conflict_cycles;
+    double energy_pj[5]; /* mac, sram, table, external, other */
+    double act_nonzero, act_total; /* activation density seen by qdense */
+} InstrStats;
+
+/* spu_program.c */
+int spu_parse(Program *p, const uint8_t *bytes, size_t size, char *err);
+void spu_free(Program *p);
+int64_t spu_dtype_size(int dtype);
+
+/* spu_exec.c */
+int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs, InstrStats *stats, char *err);
+void tensor_free(Tensor *t);
+
+#endif

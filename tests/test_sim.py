@@ -1,0 +1,108 @@
+"""The C cycle simulator: bit-exact with the reference runtime, robust to corrupt programs, sane statistics."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from femtocc.runtime.program import Program, ProgramError
+from femtocc.runtime.reference import ReferenceRuntime
+from femtocc.runtime.sim import SimRuntime, sim_config
+from femtocc.targets.spu001 import load
+from test_program import compiled
+
+TARGET = load()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return compiled(tmp_path_factory.mktemp("toy"))
+
+
+@pytest.mark.parametrize("weight_bits, act_bits", [(8, 16), (4, 8)])
+def test_bit_exact_with_the_reference_runtime(tmp_path, weight_bits, act_bits):
+    g, feeds, data = compiled(tmp_path, weight_bits=weight_bits, act_bits=act_bits)
+    ref = ReferenceRuntime(Program.from_bytes(data)).runner()(feeds)["out"]
+    sim = SimRuntime(data, TARGET)
+    assert np.array_equal(sim.runner()(feeds)["out"], ref)
+    for t in (1, 3, 9):  # other bindings of T
+        x = np.random.default_rng(t).integers(-30000, 30000, (1, t, 32)).astype(np.int16 if act_bits == 16 else np.int8)
+        assert np.array_equal(sim.run({"x": x})[0]["out"], ReferenceRuntime(Program.from_bytes(data)).run({"x": x})["out"])
+
+
+def test_statistics(toy):
+    _, feeds, data = toy
+    sim = SimRuntime(data, TARGET)
+    sink = []
+    sim.runner(sink)(feeds)
+    (stats,) = sink
+    ops = stats.by_op()
+    assert set(ops) >= {"qdense", "qmatmul", "qsoftmax", "qlayer_norm", "qgelu"}
+    assert ops["qdense"]["macs"] > 0 and stats.total("cycles") >= stats.total("compute_cycles")
+    assert stats.energy_pj() > 0
+    # the pencil8 layer issues only its kept pencils' MACs
+    fc1 = next(r for (op, _, w, _), r in zip(stats.instructions, stats.rows) if w == "w1.q")
+    w1 = Program.from_bytes(data).buffers
+    assert fc1["macs"] + fc1["macs_skipped"] < 6 * 32 * 64 * 0.5
+    # twice the MAC lanes: fewer compute cycles
+    fast = dict(sim_config(TARGET), mac_lanes_per_core=16)
+    from femtocc.runtime.sim import extension
+
+    _, rows = extension().Simulator(data, fast).run([(1, (1, 6, 32), np.zeros((1, 6, 32), np.int16))])
+    assert sum(r[1] for r in rows) < stats.total("compute_cycles") and w1
+
+
+def test_bad_inputs_and_config(toy):
+    _, _, data = toy
+    sim = SimRuntime(data, TARGET)
+    with pytest.raises(ProgramError, match="input x was not given"):
+        sim.run({})
+    with pytest.raises(ProgramError, match="input x is float32"):
+        sim.run({"x": np.zeros((1, 2, 32), np.float32)})
+    with pytest.raises(ProgramError, match="does not fit|has dim"):
+        sim.run({"x": np.zeros((1, 2, 31), np.int16)})
+    from femtocc.runtime.sim import extension
+
+    cfg = sim_config(TARGET)
+    del cfg["cores"]
+    with pytest.raises(ValueError, match="missing cores"):
+        extension().Simulator(data, cfg)
+
+
+def reseal(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_corrupt_and_truncated_programs_raise(toy):
+    _, _, data = toy
+    with pytest.raises(ProgramError, match="checksum mismatch"):
+        SimRuntime(data[:-1] + bytes([data[-1] ^ 1]), TARGET)
+    for cut in range(0, len(data) - 4, max(1, len(data) // 200)):
+        with pytest.raises(ProgramError):
+            SimRuntime(reseal(data[:cut]), TARGET)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_mutated_programs_never_crash(toy, data):
+    """Random byte mutations (checksum resealed, so they reach the parser): either rejected with a
+    clear error, or valid and then run (or rejected at run time) without crashing."""
+    _, _, program = toy
+    body = bytearray(program[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(body) - 1))
+        body[pos] = data.draw(st.integers(0, 255))
+    mutated = reseal(bytes(body))
+    try:
+        sim = SimRuntime(mutated, TARGET)
+    except ProgramError as e:
+        assert str(e)
+        return
+    x = np.random.default_rng(0).integers(-100, 100, (1, 4, 32)).astype(np.int16)
+    try:
+        sim.run({"x": x})
+    except ProgramError as e:
+        assert str(e)
