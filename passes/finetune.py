@@ -84,7 +84,7 @@ def finetune(student, teacher, utts: list[Utterance], tokens: dict[str, list[int
                 with torch.no_grad():
                     for n, m in layers.items():
                         m.weight.mul_(masks[n])
-                total += float(loss) * len(ids)
+                total += float(loss.detach()) * len(ids)
             history.append(total / len(utts))
     finally:
         model.eval()

@@ -6,7 +6,7 @@ All integers little-endian. A file is::
                 u32 counts: strings, buffers, instructions, inputs, outputs; u64 blob bytes;
                 u32 SRAM bytes per core, u32 cores, u64 external bytes
     strings     per string: u16 length, UTF-8 bytes          (names of buffers and symbols)
-    buffers     per buffer (the memory map), fixed 128 bytes: u32 name, u8 dtype, u8 region,
+    buffers     per buffer (the memory map), fixed 112 bytes: u32 name, u8 dtype, u8 region,
                 u8 layout, u8 rank, 6 x (i32 const, i32 coef_T, i32 coef_P) dims, u64 address,
                 u64 bytes, u64 blob offset, u32 bits, u32 reserved
     code        per instruction: u16 opcode, u8 inputs, u8 outputs, u16 params, u16 tile rows,
@@ -268,6 +268,9 @@ class Program:
             for b in ins.inputs:
                 if b not in defined:
                     raise ProgramError(f"{label}: reads buffer {b} ({self.buffers[b].name}) before anything writes it")
+            for b in ins.outputs:
+                if self.buffers[b].region in CONSTANT_REGIONS + ("input",):
+                    raise ProgramError(f"{label}: writes buffer {b} ({self.buffers[b].name}), a constant or input")
             decode_params(ins, label)
             defined.update(ins.outputs)
         for s in self.outputs:

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "spusim.h"
 
@@ -125,7 +126,9 @@ static inline int64_t lut(const BufferDesc *table, int64_t u, int64_t step_bits)
     int64_t lo = table->values[i];
     if (step_bits == 0) return lo;
     int64_t hi = table->values[i + 1];
-    return lo + rshift_round((hi - lo) * (u & (((int64_t)1 << step_bits) - 1)), step_bits);
+    /* |hi - lo| < 2**33 and the fraction < 2**16: the product fits int64; floor shift as in rshift_round */
+    int64_t v = (hi - lo) * (u & (((int64_t)1 << step_bits) - 1)) + ((int64_t)1 << (step_bits - 1));
+    return lo + (v >= 0 ? v >> step_bits : -((-v - 1) >> step_bits) - 1);
 }
 
 /* ------------------------------------------------------------------------------------------ broadcasting */
@@ -241,6 +244,32 @@ HOT static int64_t dot16(const int16_t *a, const int16_t *b, int64_t K) {
     return acc;
 }
 
+/* pencil8 rows: acc[r][8g + j] += sum over the group's pencils q of X[r][index[q]] * words[q][j], for up to
+   ROWS rows at once (each pencil's 8 weights are loaded once per row block); int32 partial sums over
+   at most 256 pencils (|partial| < 2**30) are flushed into int64, so the result is exact */
+#define ROWS 8
+HOT static void pencil_rows(const int32_t *xt, const uint32_t *offsets, const uint16_t *index, const int8_t *words,
+                            int64_t groups, int64_t *acc, int64_t N) {
+    /* xt: [K][ROWS] (a block of rows, input-major), acc: [ROWS][N] */
+    int32_t part[ROWS][8];
+    for (int64_t g = 0; g < groups; g++) {
+        memset(part, 0, sizeof(part));
+        uint32_t q0 = offsets[g], q1 = offsets[g + 1];
+        for (uint32_t b0 = q0; b0 < q1; b0 += 256) {
+            uint32_t b1 = b0 + 256 < q1 ? b0 + 256 : q1;
+            for (uint32_t q = b0; q < b1; q++) {
+                int32_t w[8];
+                for (int j = 0; j < 8; j++) w[j] = words[8 * (int64_t)q + j];
+                const int32_t *xv = xt + (int64_t)index[q] * ROWS;
+                for (int r = 0; r < ROWS; r++)
+                    for (int j = 0; j < 8; j++) part[r][j] += xv[r] * w[j];
+            }
+            for (int r = 0; r < ROWS; r++)
+                for (int j = 0; j < 8; j++) { acc[r * N + 8 * g + j] += part[r][j]; part[r][j] = 0; }
+        }
+    }
+}
+
 static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *x = &c->env[operand(ins, 0)];
     const BufferDesc *w = const_of(c, operand(ins, 1)), *bias = const_of(c, operand(ins, 2)), *mult = const_of(c, operand(ins, 3));
@@ -257,53 +286,48 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
     for (int64_t n = 0; n < N; n++)
         if (bias->values[n] > (INT64_C(1) << 50) || bias->values[n] < -(INT64_C(1) << 50))
             return fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
-    int64_t *acc = malloc(sizeof(int64_t) * (size_t)(N + 1));
+    int pencil = w->layout == LY_PENCIL8;
+    int64_t *acc = malloc(sizeof(int64_t) * (size_t)(ROWS * N + 1));
     int32_t *part = malloc(sizeof(int32_t) * (size_t)(N + 1));
-    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(K + 1));
-    int16_t *w16 = w->layout == LY_PENCIL8 ? NULL : malloc(sizeof(int16_t) * (size_t)(K * N + 1));
-    if (!acc || !part || !xr || (w->layout != LY_PENCIL8 && !w16)) {
-        free(acc); free(part); free(xr); free(w16);
+    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(ROWS * K + 1));
+    int16_t *w16 = pencil ? NULL : malloc(sizeof(int16_t) * (size_t)(K * N + 1));
+    double *uses = malloc(sizeof(double) * (size_t)(K + 1)); /* MACs each nonzero input issues */
+    if (!acc || !part || !xr || !uses || (!pencil && !w16)) {
+        free(acc); free(part); free(xr); free(w16); free(uses);
         return fail(c->err, "out of memory");
     }
     if (w16)
         for (int64_t i = 0; i < K * N; i++) w16[i] = (int16_t)w->values[i];
-    double issued = 0, skipped = 0, nonzero = 0, pencils_issued = 0;
-    int skip = (int)c->cfg->skip_zero_activations;
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t nz = 0;
-        for (int64_t kk = 0; kk < K; kk++) { xr[kk] = (int32_t)ld(x, r * K + kk); nz += xr[kk] != 0; }
-        nonzero += (double)nz;
-        for (int64_t n = 0; n < N; n++) acc[n] = bias->values[n];
-        if (w->layout == LY_PENCIL8) {
-            int64_t groups = N / 8;
-            for (int64_t g = 0; g < groups; g++) {
-                int64_t *a = acc + 8 * g;
-                uint32_t q0 = w->pencil_offsets[g], q1 = w->pencil_offsets[g + 1];
-                for (uint32_t q = q0; q < q1; q++) {
-                    int32_t xv = xr[w->pencil_index[q]];
-                    if (xv == 0) { skipped += 8; continue; }
-                    const int8_t *wd = w->pencil_words + 8 * (int64_t)q;
-                    for (int j = 0; j < 8; j++) a[j] += xv * (int32_t)wd[j];
-                    pencils_issued += 1;
-                }
-                issued += 8.0 * (q1 - q0);
+    for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : (double)N;
+    if (pencil)
+        for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += 8;
+    double total_per_row = 0, issued = 0, nonzero = 0;
+    for (int64_t kk = 0; kk < K; kk++) total_per_row += uses[kk];
+    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        int64_t R = rows - r0 < ROWS ? rows - r0 : ROWS;
+        for (int64_t r = 0; r < ROWS; r++) {
+            for (int64_t kk = 0; kk < K; kk++) {
+                int32_t v = r < R ? (int32_t)ld(x, (r0 + r) * K + kk) : 0;
+                if (pencil) xr[kk * ROWS + r] = v; else xr[r * K + kk] = v;
+                if (v) { nonzero += 1; issued += uses[kk]; }
             }
-        } else {
-            dense_row(xr, w16, K, N, acc, part);
-            issued += (double)K * (double)N;
-            skipped += (double)(K - nz) * (double)N;
+            for (int64_t n = 0; n < N; n++) acc[r * N + n] = bias->values[n];
         }
-        for (int64_t n = 0; n < N; n++) st(out, r * N + n, saturate(requant(acc[n], mult->values[n], ins->a[0]), ins->a[1]));
+        if (pencil)
+            pencil_rows(xr, w->pencil_offsets, w->pencil_index, w->pencil_words, N / 8, acc, N);
+        else
+            for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w16, K, N, acc + r * N, part);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t n = 0; n < N; n++)
+                st(out, (r0 + r) * N + n, saturate(requant(acc[r * N + n], mult->values[n], ins->a[0]), ins->a[1]));
     }
-    if (w->layout == LY_PENCIL8) issued -= skipped;
-    else issued -= skipped;
-    if (!skip) { issued += skipped; skipped = 0; }
-    free(acc); free(part); free(xr); free(w16);
-    s->macs = issued;
-    s->macs_skipped = skipped;
+    double all = total_per_row * (double)rows;
+    free(acc); free(part); free(xr); free(w16); free(uses);
+    s->macs = c->cfg->skip_zero_activations ? issued : all;
+    s->macs_skipped = all - s->macs;
     s->act_nonzero = nonzero;
     s->act_total = (double)x->numel;
-    s->lookups = pencils_issued; /* pencil index decodes */
+    s->lookups = pencil ? s->macs / 8 : 0; /* pencil index decodes */
     return 0;
 }
 
@@ -906,6 +930,8 @@ int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs
         InstrStats *s = &stats[k];
         memset(s, 0, sizeof(*s));
         Tensor out = {0};
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
         switch (ins->op) {
         case OP_QDENSE: rc = op_qdense(&c, ins, (int)k, &out, s); break;
         case OP_QMATMUL: rc = op_qmatmul(&c, ins, (int)k, &out, s); break;
@@ -928,6 +954,8 @@ int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs
             }
         }
         if (rc) tensor_free(&out);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        s->host_seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     }
     for (uint32_t i = 0; i < p->n_outputs && !rc; i++) {
         uint32_t id = p->symbols[p->n_inputs + i].buffer;

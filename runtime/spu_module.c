@@ -27,7 +27,7 @@ typedef struct {
 static const char *STAT_FIELDS[] = {
     "cycles", "compute_cycles", "transfer_cycles", "sram_cycles", "macs", "macs_skipped", "elements", "lookups",
     "sram_read_words", "sram_write_words", "external_bytes", "bank_conflict_cycles", "energy_mac_pj", "energy_sram_pj",
-    "energy_table_pj", "energy_external_pj", "energy_other_pj", "act_nonzero", "act_total", NULL};
+    "energy_table_pj", "energy_external_pj", "energy_other_pj", "act_nonzero", "act_total", "host_seconds", NULL};
 
 /* strings from a program may be any bytes: decode them leniently */
 static PyObject *text(const char *s) { return PyUnicode_DecodeUTF8(s, (Py_ssize_t)strlen(s), "replace"); }
@@ -254,7 +254,8 @@ static PyObject *sim_run(SimObject *self, PyObject *args) {
         InstrStats *s = &stats[k];
         double v[] = {s->cycles, s->compute_cycles, s->transfer_cycles, s->sram_cycles, s->macs, s->macs_skipped, s->elements,
                       s->lookups, s->sram_read_words, s->sram_write_words, s->external_bytes, s->bank_conflict_cycles,
-                      s->energy_pj[0], s->energy_pj[1], s->energy_pj[2], s->energy_pj[3], s->energy_pj[4], s->act_nonzero, s->act_total};
+                      s->energy_pj[0], s->energy_pj[1], s->energy_pj[2], s->energy_pj[3], s->energy_pj[4], s->act_nonzero, s->act_total,
+                      s->host_seconds};
         size_t n = sizeof(v) / sizeof(v[0]);
         PyObject *tup = PyTuple_New((Py_ssize_t)n);
         for (size_t i = 0; i < n; i++) PyTuple_SET_ITEM(tup, (Py_ssize_t)i, PyFloat_FromDouble(v[i]));

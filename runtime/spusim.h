@@ -94,6 +94,7 @@ typedef struct {
     double sram_read_words, sram_write_words, external_bytes, bank_conflict_cycles;
     double energy_pj[5]; /* mac, sram, table, external, other */
     double act_nonzero, act_total; /* activation density seen by qdense */
+    double host_seconds;           /* wall time the simulator spent on the instruction */
 } InstrStats;
 
 /* spu_program.c */

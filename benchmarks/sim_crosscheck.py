@@ -1,0 +1,95 @@
+"""Simulator against the independent analytical counter, per linear layer of compiled tiny.en.
+
+    python benchmarks/sim_crosscheck.py --build BUILD [--data DIR] [--out benchmarks/results/sim_crosscheck.json]
+
+``BUILD`` comes from ``femtocc compile ... --save-ir`` (its ``ir/*.fir`` are what the analytical
+counter, ``targets/spu001/cost.py``, reads). The encoder and cross K/V run on one real utterance and
+the decoder step on the prompt, zero-activation skipping off (the analytical counter assumes dense
+activations); MACs, SRAM words and cycles must agree within 8 % on every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import write_result
+
+TOLERANCE = 0.08
+KEYS = ("macs", "sram_read_words", "sram_write_words", "cycles")
+
+
+def main() -> int:
+    from femtocc.data import load_dataset
+    from femtocc.frontend.whisper import load_whisper
+    from femtocc.ir import load
+    from femtocc.passes.calibrate import _features
+    from femtocc.runtime.sim import extension, sim_config
+    from femtocc.targets.spu001 import load as load_target
+    from femtocc.targets.spu001.cost import linear_layer_costs
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--data", default="../shared/data/speech/dev")
+    ap.add_argument("--out", default="benchmarks/results/sim_crosscheck.json")
+    args = ap.parse_args()
+    build = Path(args.build)
+    manifest = json.loads((build / "build.json").read_text())
+    target = load_target()
+    bundle = load_whisper(manifest["model"])
+    cfg = dict(sim_config(target), skip_zero_activations=0)
+    fields = extension().STAT_FIELDS
+    sims = {w: extension().Simulator((build / p).read_bytes(), cfg) for w, p in manifest["programs"].items()}
+
+    def run(w, feeds):
+        args_ = []
+        for name, dtype, scale, _ in sims[w].inputs:
+            x = feeds[name]
+            if scale:
+                x = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -32767, 32767).astype(np.int16 if dtype == 1 else np.int8)
+            args_.append((dtype, x.shape, np.ascontiguousarray(x)))
+        outs, rows = sims[w].run(args_)
+        return outs, {c: dict(zip(fields, r)) for (op, _, c, _), r in zip(sims[w].instructions, rows) if op == "qdense"}
+
+    utt = load_dataset(args.data)[0]
+    feats = _features(bundle, utt.audio())
+    outs, measured = run("encoder", {"input_features": feats})
+    enc = np.frombuffer(outs[0][2], np.int16).reshape(outs[0][1]).astype(np.float32) * np.float32(sims["encoder"].outputs[0][2])
+    outs, m = run("cross_kv", {"encoder_hidden_states": enc})
+    measured.update(m)
+    cross = {name: np.frombuffer(raw, np.int16).reshape(shape).astype(np.float32) * np.float32(scale)
+             for (name, _, scale, _), (_, shape, raw) in zip(sims["cross_kv"].outputs, outs)}
+    prompt = list(bundle.decode.prompt)
+    feeds = {"input_ids": np.array([prompt], np.int64), **cross}
+    for i in range(bundle.config.decoder_layers):
+        for t in "kv":
+            feeds[f"past_{t}.{i}"] = np.zeros((1, bundle.config.decoder_attention_heads, 0, bundle.config.d_model // bundle.config.decoder_attention_heads), np.float32)
+    _, m = run("decoder_step", feeds)
+    measured.update(m)
+
+    predicted = {}
+    for w in manifest["programs"]:
+        predicted.update(linear_layer_costs(load(build / "ir" / f"{w}.fir"), target, tokens=len(prompt) if w == "decoder_step" else 1))
+    rows, worst = [], {k: 0.0 for k in KEYS}
+    for name, p in predicted.items():
+        s = measured[name]
+        row = {"layer": name.removesuffix(".q")}
+        for k in KEYS:
+            dev = abs(s[k] - p[k]) / max(p[k], 1)
+            row[k] = {"simulated": s[k], "analytical": p[k], "deviation": dev}
+            worst[k] = max(worst[k], dev)
+        rows.append(row)
+    ok = all(v <= TOLERANCE for v in worst.values())
+    print(f"{len(rows)} linear layers; largest deviation: " + ", ".join(f"{k} {v:.2%}" for k, v in worst.items())
+          + f" -> {'within' if ok else 'OUTSIDE'} {TOLERANCE:.0%}")
+    write_result(args.out, {"build": str(build), "tolerance": TOLERANCE, "worst_deviation": worst, "within_tolerance": ok,
+                            "layers": rows})
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
