@@ -195,7 +195,7 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(
         model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
-        sparsity=args.sparsity, pattern=args.pattern, quant=args.quant, calib=args.calib, calib_limit=args.calib_limit,
+        sparsity=args.sparsity, pattern=args.pattern, quant=args.quant, weight_quant=args.weight_quant, calib=args.calib, calib_limit=args.calib_limit,
         range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
         save_ir=args.save_ir, progress=not args.quiet, log=sys.stderr,
     )
@@ -336,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     from femtocc.compile import QUANT
 
     p.add_argument("--quant", choices=tuple(QUANT), default="w8a16")
+    p.add_argument("--weight-quant", choices=("round", "gptq"), default="round",
+                   help="round weights to the grid, or GPTQ: second-order rounding with error compensation")
     p.add_argument("--calib", default=DEFAULT_DATA, help="calibration speech (its speaker-disjoint calibration part is used)")
     p.add_argument("--calib-limit", type=int, default=32, help="calibration utterances (default 32)")
     p.add_argument("--range-limit", type=int, default=None, help="of those, how many set activation ranges (default all)")

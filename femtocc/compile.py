@@ -43,6 +43,7 @@ class CompileOptions:
     sparsity: float = 0.5
     pattern: str = "pencil8"
     quant: str = "w8a16"
+    weight_quant: str = "round"  # or "gptq": second-order rounding with error compensation
     calib: str = "../shared/data/speech/dev"
     calib_limit: int = 32
     range_limit: int | None = None  # utterances for activation ranges (default: all calibration)
@@ -62,8 +63,24 @@ def _stage(opts: CompileOptions, name: str, start: float, detail: str = "") -> f
     return now
 
 
-def put_weights(graphs: dict, model) -> int:
-    """Copy the (pruned) weights of ``model`` into the float graphs' ``dense`` nodes, by module path."""
+def gptq_weights(bundle, calib, tokens, bits: int, progress: bool) -> dict:
+    """Round every prunable layer of ``bundle`` (in place) with GPTQ; returns module path -> scales."""
+    from femtocc.passes.calibrate import collect_hessians, prunable_layers
+    from femtocc.passes.obs import gptq_quantize
+    from femtocc.passes.prune import _store, weight_matrix
+
+    layers = prunable_layers(bundle.model)
+    hessians = collect_hessians(bundle, calib, layers, progress=progress, dense_tokens=tokens)
+    scales = {}
+    for name, module in layers.items():
+        w, scales[name] = gptq_quantize(weight_matrix(module), hessians.matrices[name], bits)
+        _store(module, w)
+    return scales
+
+
+def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
+    """Copy the (pruned) weights of ``model`` into the float graphs' ``dense`` nodes, by module path;
+    ``scales`` (GPTQ grids) go on the constants as ``weight_scale``."""
     from femtocc.passes.calibrate import prunable_layers
     from femtocc.passes.prune import weight_matrix
 
@@ -79,6 +96,8 @@ def put_weights(graphs: dict, model) -> int:
             if const.data.shape != w.shape:
                 raise FemtoccError(f"compile: weight of {node.meta['scope']} is {w.shape}, graph has {const.data.shape}")
             const.data = np.ascontiguousarray(w, dtype=np.float32)
+            if scales and node.meta["scope"] in scales:
+                const.attrs["weight_scale"] = [float(x) for x in scales[node.meta["scope"]]]
             done += 1
     return done
 
@@ -96,6 +115,8 @@ def compile_model(opts: CompileOptions) -> dict:
 
     if opts.quant not in QUANT:
         raise FemtoccError(f"--quant {opts.quant!r}: choose from {', '.join(QUANT)}")
+    if opts.weight_quant not in ("round", "gptq"):
+        raise FemtoccError(f"--weight-quant {opts.weight_quant!r}: choose round or gptq")
     if opts.calib_limit < 1:
         raise FemtoccError("--calib-limit must be at least 1")
     target = load(opts.target or DEFAULT)
@@ -115,16 +136,25 @@ def compile_model(opts: CompileOptions) -> dict:
         model, prune_report = prune_model(bundle, cfg, calib, progress=opts.progress)
         t = _stage(opts, "prune", t, f"{opts.method} {opts.pattern} {prune_report['sparsity']:.3f}")
 
+    tokens = dense_transcripts(bundle, calib)
+    scales = None
+    if opts.weight_quant == "gptq":
+        import copy
+
+        if model is bundle:
+            model = copy.copy(bundle)
+            model.model = copy.deepcopy(bundle.model)
+        scales = gptq_weights(model, calib, tokens, wbits, opts.progress)
+        t = _stage(opts, "gptq", t, f"{len(scales)} layers rounded with error compensation")
     paths = export_whisper(bundle, None)
     manager = PassManager.parse(FLOAT_PIPELINE)
     graphs = {w: manager.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
-    replaced = put_weights(graphs, model.model) if opts.method else 0
-    if opts.method:
+    replaced = put_weights(graphs, model.model, scales) if model is not bundle else 0
+    if model is not bundle:
         for g in graphs.values():
             PassManager.parse("annotate-sparsity").run(g)
     t = _stage(opts, "import", t, f"{sum(len(g.nodes) for g in graphs.values())} nodes, {replaced} pruned weights placed")
 
-    tokens = dense_transcripts(bundle, calib)
     ranges = collect_value_ranges(graphs, model, calib[: opts.range_limit] if opts.range_limit else calib,
                                   progress=opts.progress, tokens=tokens)
     workdir = Path(tempfile.mkdtemp(prefix="femtocc-compile-"))

@@ -5,8 +5,9 @@ Input: a float graph after ``lower-conv`` and a ranges file from
 :func:`~femtocc.passes.calibrate.range_key`). Every float activation gets a static symmetric
 scale ``range / qmax(act-bits)``; then, node by node:
 
-* ``dense`` -> ``qdense``: weights per output channel (``weight-bits``, int4 held in int8),
-  pruned zeros stay zero; bias at scale ``x_scale * w_scale[c]``; per-channel multipliers.
+* ``dense`` -> ``qdense``: weights per output channel (``weight-bits``, int4 held in int8; on the
+  grid a constant's ``weight_scale`` names when GPTQ already rounded it), pruned zeros stay zero;
+  bias at scale ``x_scale * w_scale[c]``; per-channel multipliers.
 * ``matmul`` -> ``qmatmul``; ``add`` -> ``qadd``; ``mul`` by a constant -> ``requantize``.
 * ``gelu`` -> ``qgelu`` and ``softmax`` -> ``qsoftmax``: interpolated tables of 1025 (A16) or 257
   (A8) int32 entries, 4 KiB / 1 KiB of the 16 KiB table memory; ``layer_norm`` ->
@@ -45,10 +46,13 @@ TABLE_INDEX_BITS = 10  # tables have 2**10 + 1 entries for 16-bit inputs
 SCALE_PRESERVING = {"transpose", "reshape", "squeeze", "unsqueeze", "slice", "identity", "im2col", "expand", "tile", "gather", "gather_nd"}
 
 
-def quantize_weight(w_in_out: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-output-channel symmetric quantization of a [in, out] weight: (int8 values, scales)."""
-    peak = np.abs(w_in_out).max(axis=0).astype(np.float64)
-    scale = np.where(peak > 0, peak / qmax(bits), 1.0)
+def quantize_weight(w_in_out: np.ndarray, bits: int, scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-output-channel symmetric quantization of a [in, out] weight: (int8 values, scales).
+    ``scale`` (per output) is the grid a weight was already rounded to (GPTQ), else ``max|w| / qmax``."""
+    if scale is None:
+        peak = np.abs(w_in_out).max(axis=0).astype(np.float64)
+        scale = np.where(peak > 0, peak / qmax(bits), 1.0)
+    scale = np.asarray(scale, np.float64)
     q = np.clip(np.rint(w_in_out / scale[None, :]), -qmax(bits), qmax(bits)).astype(np.int8)
     return q, scale.astype(np.float32)
 
@@ -184,13 +188,14 @@ class _Quantizer:
             c_w, sw = self.tied[id(source)]  # the output projection tied to the token embedding: one table
             wq = c_w.data
         else:
-            wq, sw = quantize_weight(self.constant_data(w), self.wbits)
+            wq, sw = quantize_weight(self.constant_data(w), self.wbits, w.attrs.get("weight_scale"))
             c_w = None
         bias = self.constant_data(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(wq.shape[1], np.float32)
         bias_q = np.rint(bias.astype(np.float64) / (sx * sw.astype(np.float64))).astype(np.int64)
         mult, shift = requant_multipliers(sx * sw.astype(np.float64) / sy)
         if c_w is None:
-            attrs = {**w.attrs, "quant": {"bits": self.wbits, "axis": 1, "scheme": "symmetric-per-channel"}}
+            attrs = {k: v for k, v in w.attrs.items() if k != "weight_scale"}
+            attrs["quant"] = {"bits": self.wbits, "axis": 1, "scheme": "symmetric-per-channel"}
             c_w = self.g.add_constant(w.name + ".q", wq, attrs=attrs)
         inputs = [xq, c_w, self.const(w.name + ".bias_q", bias_q), self.const(w.name + ".multiplier", mult),
                   self.const(w.name + ".scale", sw)]

@@ -158,3 +158,19 @@ def test_integer_primitives():
     assert np.abs(wq * s - w).max() <= s.max() / 2 + 1e-6
     m, shift = requant_multipliers(np.array([0.3, 0.001]))
     assert m.max() < 2**24 and np.allclose(m / 2.0**shift, [0.3, 0.001], rtol=1e-4)
+
+
+def test_gptq_beats_rounding_on_the_calibrated_error():
+    from femtocc.passes.obs import gptq_quantize, relative_error
+
+    x = rng.standard_normal((400, 48)) @ rng.standard_normal((48, 48))  # correlated inputs
+    h = 2 * x.T @ x / len(x)
+    w = rng.standard_normal((16, 48)).astype(np.float32)
+    w[:, :5] = 0  # pruned columns stay pruned
+    g, scale = gptq_quantize(w, h, 4)
+    q = g / scale[:, None]
+    assert np.allclose(q, np.rint(q), atol=1e-4) and np.abs(np.rint(q)).max() <= 7 and not g[:, :5].any()
+    plain = np.clip(np.rint(w / scale[:, None]), -7, 7) * scale[:, None]
+    assert relative_error(w, g, h) < 0.8 * relative_error(w, plain, h)
+    wq, s = quantize_weight(g.T, 4, scale)  # the quantize pass keeps the GPTQ grid
+    assert np.array_equal(wq.T, np.rint(q).astype(np.int8)) and np.allclose(s, scale)

@@ -106,3 +106,23 @@ def test_fuzz_mutated_programs_never_crash(toy, data):
         sim.run({"x": x})
     except ProgramError as e:
         assert str(e)
+
+
+def test_analytical_counter_agrees_with_the_simulator(tmp_path):
+    """targets/spu001/cost.py, from the IR alone, against the simulator with zero skipping off."""
+    from femtocc.runtime.sim import extension
+    from femtocc.targets.spu001.codegen import generate
+    from femtocc.targets.spu001.cost import linear_layer_costs
+    from test_program import block
+
+    g, _ = block(tmp_path)
+    sim = extension().Simulator(generate(g, TARGET).to_bytes(), dict(sim_config(TARGET), skip_zero_activations=0))
+    x = np.random.default_rng(0).integers(-300, 300, (1, 6, 32)).astype(np.int16)
+    _, rows = sim.run([(1, (1, 6, 32), x)])
+    fields = extension().STAT_FIELDS
+    predicted = linear_layer_costs(g, TARGET, tokens=6)
+    measured = {w: dict(zip(fields, r)) for (op, _, w, _), r in zip(sim.instructions, rows) if op == "qdense"}
+    assert set(measured) == set(predicted) == {"w1.q", "w2.q"}
+    for name, p in predicted.items():
+        for key in ("macs", "sram_read_words", "sram_write_words", "cycles"):
+            assert abs(measured[name][key] - p[key]) <= 0.08 * p[key], (name, key)
