@@ -11,9 +11,7 @@ of float; OBS 50 % pencil8 + W8A16 within +1.5.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from common import write_result
 

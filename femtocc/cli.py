@@ -158,12 +158,12 @@ def cmd_prune(args) -> int:
     from femtocc.cache import atomic_write
     from femtocc.data import load_dataset, split_by_speaker
     from femtocc.frontend.whisper import load_whisper, save_bundle
-    from femtocc.passes.prune import PruneConfig, prune_model
+    from femtocc.passes.prune import PruneConfig, prune_and_finetune
 
     cfg = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
         damping=args.damping, sequential=args.sequential, layers=args.layers,
-        include_embeddings=args.include_embeddings,
+        include_embeddings=args.include_embeddings, steps=args.steps, finetune_epochs=args.finetune_epochs,
     )
     cfg.check()
     calib = load_dataset(args.calib)
@@ -171,7 +171,7 @@ def cmd_prune(args) -> int:
         calib = split_by_speaker(calib)[0]
     calib = calib[: args.calib_limit] if args.calib_limit else calib
     bundle = load_whisper(args.model)
-    pruned, report = prune_model(bundle, cfg, calib, progress=not args.quiet)
+    pruned, report = prune_and_finetune(bundle, cfg, calib, progress=not args.quiet)
     pruned.metadata["dense_source"] = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
     out = save_bundle(pruned, args.output)
     with atomic_write(out / "prune-report.json", "w") as f:
@@ -195,7 +195,8 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(
         model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
-        sparsity=args.sparsity, pattern=args.pattern, quant=args.quant, weight_quant=args.weight_quant, calib=args.calib, calib_limit=args.calib_limit,
+        sparsity=args.sparsity, pattern=args.pattern, steps=args.steps, finetune_epochs=args.finetune_epochs,
+        quant=args.quant, weight_quant=args.weight_quant, calib=args.calib, calib_limit=args.calib_limit,
         range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
         save_ir=args.save_ir, progress=not args.quiet, log=sys.stderr,
     )
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="calibrate each block on the already pruned blocks before it")
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
     p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
+    p.add_argument("--steps", type=int, default=1, help="gradual OBS pruning in this many steps (default 1: one shot)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after each step, distil from the dense model for this many epochs over the calibration speech")
     p.add_argument("--calib", default=DEFAULT_DATA, help=f"calibration speech folder (default {DEFAULT_DATA})")
     p.add_argument("--calib-split", choices=("calib", "all"), default="calib",
                    help="use the speaker-disjoint calibration part of --calib (default), or all of it")
@@ -333,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=None, help="prune with this method first (default: no pruning)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default="pencil8", help="pruning pattern (default pencil8, the SPU's native sparsity)")
+    p.add_argument("--steps", type=int, default=1, help="gradual pruning in this many steps (default 1: one shot)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after each step, distil from the dense model for this many epochs over the calibration speech")
     from femtocc.compile import QUANT
 
     p.add_argument("--quant", choices=tuple(QUANT), default="w8a16")

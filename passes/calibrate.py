@@ -126,30 +126,6 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
         model.set_attn_implementation(attention)
 
 
-def collect_ranges(bundle, utts: list[Utterance], layers: dict | None = None, progress: bool = False) -> dict:
-    """Largest |input| and |output| each layer sees on ``utts``: static activation scales."""
-    layers = layers if layers is not None else prunable_layers(bundle.model)
-    ranges: dict[str, dict[str, float]] = {}
-    recording = {"on": True}
-
-    def hook(name):
-        def record(module, inputs, output):
-            if recording["on"]:
-                r = ranges.setdefault(name, {"input": 0.0, "output": 0.0})
-                r["input"] = max(r["input"], float(inputs[0].detach().abs().max()))
-                r["output"] = max(r["output"], float(output.detach().abs().max()))
-
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
-    try:
-        _drive(bundle, utts, None, recording, progress, on_utterance=lambda seconds: None)
-    finally:
-        for h in handles:
-            h.remove()
-    return ranges
-
-
 def collect_hessians(
     bundle, utts: list[Utterance], layers: dict | None = None, progress: bool = False,
     dense_tokens: dict[str, list[int]] | None = None, padding_stride: int = PADDING_STRIDE,
