@@ -156,7 +156,7 @@ def compile_model(opts: CompileOptions) -> dict:
     if model is not bundle:
         for g in graphs.values():
             PassManager.parse("annotate-sparsity").run(g)
-    t = _stage(opts, "import", t, f"{sum(len(g.nodes) for g in graphs.values())} nodes, {replaced} pruned weights placed")
+    t = _stage(opts, "import", t, f"{sum(len(g.nodes) for g in graphs.values())} nodes, {replaced} weights put in place")
 
     ranges = collect_value_ranges(graphs, model, calib[: opts.range_limit] if opts.range_limit else calib,
                                   progress=opts.progress, tokens=tokens)
