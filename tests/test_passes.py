@@ -146,3 +146,27 @@ def test_manager_reports_invalid_ir():
     with pytest.raises(FemtoccError, match="IR invalid after pass breaks"):
         PassManager([Breaks()]).run(gelu_mlp())
     assert print_graph(gelu_mlp())  # the fixture itself is fine
+
+
+def test_lower_conv_matches_the_convolution():
+    import numpy as np
+
+    from femtocc.ir import Graph, Interpreter, TensorType
+    from femtocc.passes import PassManager
+
+    rng = np.random.default_rng(0)
+    for stride, pads in ((1, [1, 1]), (2, [1, 1]), (1, [0, 0])):
+        g = Graph("c")
+        x = g.add_input("x", TensorType("f32", (1, 5, 17)))
+        w = g.add_constant("w", rng.standard_normal((8, 5, 3)).astype(np.float32))
+        b = g.add_constant("b", rng.standard_normal(8).astype(np.float32))
+        out_len = (17 + sum(pads) - 3) // stride + 1
+        g.outputs = [g.make_node("conv", [x, w, b], [TensorType("f32", (1, 8, out_len))],
+                                 {"strides": [stride], "pads": pads, "dilations": [1], "group": 1}, {"scope": "conv1"}).outputs[0]]
+        feeds = {"x": rng.standard_normal((1, 5, 17)).astype(np.float32)}
+        before = Interpreter(g).run(feeds)[g.outputs[0].name]
+        PassManager.parse("lower-conv").run(g)
+        assert g.op_counts() == {"dense": 1, "im2col": 1, "transpose": 1}
+        dense = next(n for n in g.nodes if n.op == "dense")
+        assert dense.meta["scope"] == "conv1" and dense.inputs[1].data.shape == (15, 8)
+        assert np.allclose(Interpreter(g).run(feeds)[g.outputs[0].name], before, atol=1e-5)

@@ -59,3 +59,20 @@ def test_unbound_dim_is_named():
     g = mlp(8, 8, rows="N")
     with pytest.raises(FemtoccError, match="value %x has dim 'N' that cannot be bound"):
         PassManager.parse("tile-sram").run(g)
+
+
+def test_attention_chains_run_in_row_tiles():
+    """scores = q @ k^T -> softmax -> @ v: the score matrix is never placed whole."""
+    g = Graph("attn")
+    f = lambda *s: TensorType("f32", s)  # noqa: E731
+    q = g.add_input("q", f(1, 6, 1500, 64))
+    kt = g.add_input("kt", f(1, 6, 64, 1500))
+    v = g.add_input("v", f(1, 6, 1500, 64))
+    s = g.make_node("matmul", [q, kt], [f(1, 6, 1500, 1500)]).outputs[0]
+    p = g.make_node("softmax", [s], [f(1, 6, 1500, 1500)], {"axis": -1}).outputs[0]
+    g.outputs = [g.make_node("matmul", [p, v], [f(1, 6, 1500, 64)]).outputs[0]]
+    st = stats(g, "tile-sram")
+    assert st["attention-chains-tiled"] == 1
+    assert all(n.attrs["tile_rows"] == 8 for n in g.nodes)  # 3 x 8 rows x 1500 keys x 2 bytes fit a quarter core
+    assert s.attrs["placement"]["where"] == "tile" and s.attrs["placement"]["bytes"] == 8 * 1500 * 2
+    assert st["external-activation-bytes"] < 6 * 1500 * 1500 * 2  # no score matrix goes out
