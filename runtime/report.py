@@ -45,6 +45,8 @@ def summarize(per_utt: list[dict], runs: list) -> dict:
                     lay[k] += row[k]
     for lay in layers.values():
         lay["activation_density"] = lay["act_nonzero"] / lay["act_total"] if lay["act_total"] else None
+    bank_reads = [sum(x) for x in zip(*(r.per_bank("bank_reads") for r in runs))] if runs else []
+    bank_writes = [sum(x) for x in zip(*(r.per_bank("bank_writes") for r in runs))] if runs else []
     audio = sum(u["sim_latency_s"] / u["sim_real_time_factor"] for u in per_utt if u["sim_real_time_factor"])
     macs = sum(u["sim_macs"] for u in per_utt)
     return {
@@ -55,6 +57,7 @@ def summarize(per_utt: list[dict], runs: list) -> dict:
         "macs_per_utterance": macs / n,
         "macs_skipped_fraction": sum(u["sim_macs_skipped"] for u in per_utt) / max(macs + sum(u["sim_macs_skipped"] for u in per_utt), 1),
         "cycles_by_op": dict(sorted(ops.items(), key=lambda kv: -kv[1]["cycles"])),
+        "sram_words_per_bank_per_utterance": {"reads": [x / n for x in bank_reads], "writes": [x / n for x in bank_writes]},
         "layers": layers,
     }
 

@@ -63,12 +63,17 @@ class RunStats:
     def total(self, key: str) -> float:
         return float(sum(r[key] for r in self.rows))
 
+    def per_bank(self, key: str = "bank_reads") -> list[float]:
+        """SRAM words per bank (per core) over the run: ``bank_reads`` or ``bank_writes``."""
+        return [float(sum(x)) for x in zip(*(r[key] for r in self.rows))] if self.rows else []
+
     def by_op(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for (op, *_), r in zip(self.instructions, self.rows):
-            agg = out.setdefault(op, {k: 0.0 for k in r} | {"count": 0})
+            agg = out.setdefault(op, {k: 0.0 for k, v in r.items() if not isinstance(v, tuple)} | {"count": 0})
             for k, v in r.items():
-                agg[k] += v
+                if not isinstance(v, tuple):
+                    agg[k] += v
             agg["count"] += 1
         return out
 

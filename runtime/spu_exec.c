@@ -824,7 +824,12 @@ static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) 
             ext += bytes;
             transfers += 1;
         }
-        if (banks > 0 && (b->region == RG_SRAM || b->region == RG_CONST)) bank_words[bank_of(cfg, b) % banks] += words / cores;
+        if (banks > 0 && (b->region == RG_SRAM || b->region == RG_CONST)) {
+            int64_t bank = bank_of(cfg, b) % banks;
+            bank_words[bank] += words / cores;
+            double *per = j < ins->n_in ? s->bank_reads : s->bank_writes;
+            per[bank < SPU_MAX_BANKS ? bank : SPU_MAX_BANKS - 1] += words / cores;
+        }
     }
     double spread = (s->sram_read_words + s->sram_write_words) / cores / (banks > 0 ? banks : 1);
     double worst = 0;

@@ -27,7 +27,8 @@ typedef struct {
 static const char *STAT_FIELDS[] = {
     "cycles", "compute_cycles", "transfer_cycles", "sram_cycles", "macs", "macs_skipped", "elements", "lookups",
     "sram_read_words", "sram_write_words", "external_bytes", "bank_conflict_cycles", "energy_mac_pj", "energy_sram_pj",
-    "energy_table_pj", "energy_external_pj", "energy_other_pj", "act_nonzero", "act_total", "host_seconds", NULL};
+    "energy_table_pj", "energy_external_pj", "energy_other_pj", "act_nonzero", "act_total", "host_seconds",
+    "bank_reads", "bank_writes", NULL};
 
 /* strings from a program may be any bytes: decode them leniently */
 static PyObject *text(const char *s) { return PyUnicode_DecodeUTF8(s, (Py_ssize_t)strlen(s), "replace"); }
@@ -257,8 +258,16 @@ static PyObject *sim_run(SimObject *self, PyObject *args) {
                       s->energy_pj[0], s->energy_pj[1], s->energy_pj[2], s->energy_pj[3], s->energy_pj[4], s->act_nonzero, s->act_total,
                       s->host_seconds};
         size_t n = sizeof(v) / sizeof(v[0]);
-        PyObject *tup = PyTuple_New((Py_ssize_t)n);
+        int banks = (int)(self->cfg.sram_banks_per_core < SPU_MAX_BANKS ? self->cfg.sram_banks_per_core : SPU_MAX_BANKS);
+        PyObject *tup = PyTuple_New((Py_ssize_t)n + 2);
         for (size_t i = 0; i < n; i++) PyTuple_SET_ITEM(tup, (Py_ssize_t)i, PyFloat_FromDouble(v[i]));
+        PyObject *reads = PyTuple_New(banks), *writes = PyTuple_New(banks);
+        for (int i = 0; i < banks; i++) {
+            PyTuple_SET_ITEM(reads, i, PyFloat_FromDouble(s->bank_reads[i]));
+            PyTuple_SET_ITEM(writes, i, PyFloat_FromDouble(s->bank_writes[i]));
+        }
+        PyTuple_SET_ITEM(tup, (Py_ssize_t)n, reads);
+        PyTuple_SET_ITEM(tup, (Py_ssize_t)n + 1, writes);
         PyList_SET_ITEM(st, k, tup);
     }
     result = Py_BuildValue("(NN)", outs, st);

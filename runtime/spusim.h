@@ -13,6 +13,7 @@
 
 #define SPU_MAX_RANK 6
 #define SPU_ERR_LEN 512
+#define SPU_MAX_BANKS 16 /* statistics per bank for up to this many banks (the rest fold into the last) */
 
 enum { DT_I8, DT_I16, DT_I32, DT_I64, DT_BOOL, DT_U8, DT_COUNT };
 enum { RG_INPUT, RG_OUTPUT, RG_CONST, RG_SRAM, RG_EXTERNAL, RG_STREAM, RG_COUNT };
@@ -92,6 +93,7 @@ typedef struct {
     double cycles, compute_cycles, transfer_cycles, sram_cycles;
     double macs, macs_skipped, elements, lookups;
     double sram_read_words, sram_write_words, external_bytes, bank_conflict_cycles;
+    double bank_reads[SPU_MAX_BANKS], bank_writes[SPU_MAX_BANKS]; /* words per bank, per core */
     double energy_pj[5]; /* mac, sram, table, external, other */
     double act_nonzero, act_total; /* activation density seen by qdense */
     double host_seconds;           /* wall time the simulator spent on the instruction */

@@ -126,3 +126,12 @@ def test_analytical_counter_agrees_with_the_simulator(tmp_path):
     for name, p in predicted.items():
         for key in ("macs", "sram_read_words", "sram_write_words", "cycles"):
             assert abs(measured[name][key] - p[key]) <= 0.08 * p[key], (name, key)
+
+
+def test_sram_traffic_per_bank(toy):
+    _, feeds, data = toy
+    sink = []
+    SimRuntime(data, TARGET).runner(sink)(feeds)
+    reads, writes = sink[0].per_bank("bank_reads"), sink[0].per_bank("bank_writes")
+    assert len(reads) == len(writes) == TARGET.facts.sram_banks_per_core
+    assert sum(reads) > 0 and sum(writes) > 0
