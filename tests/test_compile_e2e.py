@@ -85,3 +85,19 @@ def test_compile_is_deterministic(build_w8a16, tmp_path, dev_data):
     for name in ("encoder.spu", "cross_kv.spu", "decoder_step.spu"):
         assert (again / name).read_bytes() == (build_w8a16 / name).read_bytes(), name
     assert np.isfinite(json.loads((again / "report.json").read_text())["stages_s"]["total"])
+
+
+def test_run_on_the_simulator_reports_latency_and_energy(build_w8a16, dev_utts, capsys, tmp_path):
+    out = tmp_path / "sim.json"
+    data = str(dev_utts[0].audio_path.parent)
+    assert main(["run", str(build_w8a16), "--runtime", "sim", "--data", data, "--limit", "1", "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    sim = result["report"]["simulator"]
+    assert sim["latency_s_mean"] > 0 and sim["energy_uj_mean"] > 0 and sim["real_time_factor"] > 0
+    assert len(sim["sram_words_per_bank_per_utterance"]["reads"]) == 8
+    enc = [v for v in sim["layers"].values() if v["graph"] == "encoder"]
+    assert len(enc) == 26 and all(0 < v["activation_density"] <= 1 for v in enc)
+    utt = result["utterances"][0]
+    assert utt["sim_decoder_steps"] == len(utt["tokens"]) + 1 and utt["sim_cycles"]["encoder"] > 0
+    assert (build_w8a16 / "sim-timeline.png").is_file()
+    assert "latency per utterance" in capsys.readouterr().out
