@@ -19,7 +19,8 @@ Hessians for OBS when ``sparsity`` is set), pruned, quantized, laid out, tiled a
 Everything else (here: the convolutions' padding, anything unmatched) runs on TVM's CPU backend.
 
 TVM 0.27 behaviours worked around here, each with a test: external symbols are process-global, so
-regions get a per-model suffix (:func:`_unique_symbols`).
+regions get a per-model suffix (:func:`_unique_symbols`). ``FuseOpsByPattern`` runs without
+``annotate_codegen`` so that ``MergeCompositeFunctions`` can merge neighbours into one region.
 """
 
 from __future__ import annotations
@@ -289,17 +290,22 @@ class Region:
             self.run_program = ReferenceRuntime(Program.from_bytes(self.program, self.symbol)).runner()
 
     def __call__(self, *args):
-        ins, out = args[:-1], args[-1]
+        n_out = len(self.graph.outputs)  # destination-passing style: the outputs come last
+        ins, outs = args[:-n_out], args[-n_out:]
         feeds = {v.name: np.asarray(a.numpy()) for v, a in zip(self.graph.inputs, ins)}
         if self.run_program is None or self._exceeds(feeds):
             self.compile(feeds)
-        name = self.graph.outputs[0].name
-        result = self.run_program(feeds)[name]
-        scale = next(n.attrs["scale"] for n in self.quantized.nodes if n.op == "dequantize" and n.outputs[0].name == name)
-        if np.abs(result).max(initial=0) >= scale * (2**15 - 1) * 0.999:  # saturated: widen and recompile
+        result = self.run_program(feeds)
+        if self._saturated(result):  # widen the ranges with this call's data and recompile
             self.compile(feeds)
-            result = self.run_program(feeds)[name]
-        out.copyfrom(np.ascontiguousarray(result, dtype=np.float32))
+            result = self.run_program(feeds)
+        for v, out in zip(self.graph.outputs, outs):
+            out.copyfrom(np.ascontiguousarray(result[v.name], dtype=np.float32))
+
+    def _saturated(self, result) -> bool:
+        scales = {n.outputs[0].name: n.attrs["scale"] for n in self.quantized.nodes if n.op == "dequantize"}
+        return any(np.abs(result[name]).max(initial=0) >= scale * (2**15 - 1) * 0.999
+                   for name, scale in scales.items() if name in result)
 
 
 def _obs_prune_graph(g, feeds, sparsity: float) -> dict[str, np.ndarray]:
@@ -369,7 +375,7 @@ def partition_for_spu001(mod, params: dict | None = None, runtime: str = "refere
     _register_codegen()
     if params:
         mod = relax.transform.BindParams("main", params)(mod)
-    mod = relax.transform.FuseOpsByPattern(patterns(), bind_constants=True, annotate_codegen=True)(mod)
+    mod = relax.transform.FuseOpsByPattern(patterns(), bind_constants=True, annotate_codegen=False)(mod)
     mod = relax.transform.MergeCompositeFunctions()(mod)
     mod = _unique_symbols(mod, f"m{next(_MODELS)}")
     return relax.transform.RunCodegen()(mod)
