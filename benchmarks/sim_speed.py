@@ -19,7 +19,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 
 from common import write_result
 
@@ -37,41 +36,14 @@ def sim_runners(build, config_changes=None):
     import json
     from pathlib import Path
 
-    from femtocc.runtime.sim import RunStats, extension, sim_config
+    from femtocc.runtime.sim import SimRuntime
     from femtocc.targets.spu001 import load
 
     manifest = json.loads((Path(build) / "build.json").read_text())
     sink: list = []
-    runners = {}
-    cfg = dict(sim_config(load()), **(config_changes or {}))
-    for w, name in manifest["programs"].items():
-        sim = extension().Simulator((Path(build) / name).read_bytes(), cfg)
-        runners[w] = _runner(sim, w, sink, RunStats)
+    runners = {w: SimRuntime((Path(build) / name).read_bytes(), load(), w, config_changes).runner(sink)
+               for w, name in manifest["programs"].items()}
     return runners, sink
-
-
-def _runner(sim, graph, sink, RunStats):
-    from femtocc.runtime.program import DTYPES, NUMPY
-    from femtocc.runtime.sim import extension
-
-    fields = extension().STAT_FIELDS
-
-    def run(feeds):
-        args = []
-        for name, dtype, scale, _ in sim.inputs:
-            dt = NUMPY[DTYPES[dtype]]
-            x = feeds[name]
-            x = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -32767, 32767).astype(dt) if scale else np.asarray(x).astype(dt)
-            args.append((dtype, x.shape, np.ascontiguousarray(x)))
-        outs, rows = sim.run(args)
-        sink.append(RunStats(graph, sim.instructions, [dict(zip(fields, r)) for r in rows]))
-        result = {}
-        for (name, dtype, scale, _), (d, shape, raw) in zip(sim.outputs, outs):
-            v = np.frombuffer(raw, NUMPY[DTYPES[d]]).reshape(shape)
-            result[name] = v.astype(np.float32) * np.float32(scale) if scale else v
-        return result
-
-    return run
 
 
 def linear_cycles(sink) -> float:

@@ -82,12 +82,13 @@ class RunStats:
 
 
 class SimRuntime:
-    def __init__(self, program: bytes, target, where: str = "program"):
+    def __init__(self, program: bytes, target, where: str = "program", overrides: dict | None = None):
+        """``overrides``: simulator settings replacing the description's (e.g. ``skip_zero_activations=0``)."""
         _spusim = extension()
         global STAT_FIELDS
         STAT_FIELDS = _spusim.STAT_FIELDS
         try:
-            self.sim = _spusim.Simulator(bytes(program), sim_config(target))
+            self.sim = _spusim.Simulator(bytes(program), {**sim_config(target), **(overrides or {})})
         except ValueError as e:
             raise ProgramError(f"{where}: {str(e).removeprefix('program: ')}") from None
         self.target = target
