@@ -76,8 +76,8 @@ def test_tiny_en_encoder_through_tvm(tiny, tiny_onnx, features):
 
     mod = partition_for_spu001(from_onnx(onnx.load(str(tiny_onnx["encoder"])), keep_params_in_input=False))
     report = offload_report(mod)
-    assert report["spu001_regions"] >= 5 and "relax.nn.conv1d" in report["cpu_ops"]
-    assert not {"relax.matmul", "relax.nn.layer_norm", "relax.nn.softmax"} & set(report["cpu_ops"])
+    # everything but the two convolutions (and their bias reshapes) runs on spu001
+    assert report["spu001_regions"] >= 2 and set(report["cpu_ops"]) == {"relax.nn.conv1d", "relax.reshape"}
     out = run(mod, features)
     ref = ort_runner(tiny_onnx["encoder"])({"input_features": features})["encoder_hidden_states"]
     # quantization tolerance: femtocc's own whole-encoder program is within 0.1 (max, relative) of onnxruntime

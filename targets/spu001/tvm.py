@@ -80,9 +80,12 @@ def _patterns():
     dense = is_op("relax.matmul")(x, w)
     dense_bias = is_op("relax.add")(dense, b)
     gelu_x = wildcard()
-    gelu = is_op("relax.multiply")(
-        is_op("relax.multiply")(gelu_x, is_op("relax.add")(is_op("relax.erf")(is_op("relax.divide")(gelu_x, is_const())), is_const())),
-        is_const(),
+    one_plus_erf = is_op("relax.add")(is_op("relax.erf")(is_op("relax.divide")(gelu_x, is_const())), is_const())
+    gelu = is_op("relax.multiply")(is_op("relax.multiply")(gelu_x, one_plus_erf), is_const())  # (x * (1 + erf)) * 0.5
+    gelu_x2 = wildcard()
+    gelu_half_first = is_op("relax.multiply")(  # x * (0.5 * (1 + erf)), the order of torch's ONNX export
+        gelu_x2,
+        is_op("relax.multiply")(is_const(), is_op("relax.add")(is_op("relax.erf")(is_op("relax.divide")(gelu_x2, is_const())), is_const())),
     )
     def op(name, *args):
         return is_op(name)(*args)
@@ -91,6 +94,7 @@ def _patterns():
         ("spu001.dense_bias", dense_bias, {"x": x, "w": w, "b": b}, two_d_weight),
         ("spu001.dense", dense, {"x": x, "w": w}, two_d_weight),
         ("spu001.gelu", gelu, {}, static_f32),
+        ("spu001.gelu", gelu_half_first, {}, static_f32),
         ("spu001.matmul", op("relax.matmul", wildcard(), wildcard()), {}, static_f32),
         ("spu001.layer_norm", op("relax.nn.layer_norm", wildcard(), is_const(), is_const()), {}, static_f32),
         ("spu001.softmax", op("relax.nn.softmax", wildcard()), {}, last_axis_softmax),
