@@ -6,23 +6,12 @@
  * fit, a reshape that cannot be satisfied) is an error message, never undefined behaviour.
  */
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "spusim.h"
-
-const char *spu_op_name(int op);
-
-static int fail(char *err, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, SPU_ERR_LEN, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 #define MAX_ELEMENTS (INT64_C(1) << 28) /* bounds memory and time on hostile programs */
 
@@ -36,10 +25,10 @@ void tensor_free(Tensor *t) {
 
 static int tensor_alloc(Tensor *t, int dtype, int rank, const int64_t *shape, char *err) {
     int64_t n = 1;
-    if (rank < 0 || rank > SPU_MAX_RANK) return fail(err, "rank %d out of range", rank);
+    if (rank < 0 || rank > SPU_MAX_RANK) return spu_fail(err, "rank %d out of range", rank);
     for (int i = 0; i < rank; i++) {
-        if (shape[i] < 0) return fail(err, "negative dimension %lld", (long long)shape[i]);
-        if (shape[i] && n > MAX_ELEMENTS / shape[i]) return fail(err, "tensor of more than 2**28 elements");
+        if (shape[i] < 0) return spu_fail(err, "negative dimension %lld", (long long)shape[i]);
+        if (shape[i] && n > MAX_ELEMENTS / shape[i]) return spu_fail(err, "tensor of more than 2**28 elements");
         n *= shape[i];
         t->shape[i] = shape[i];
     }
@@ -48,7 +37,7 @@ static int tensor_alloc(Tensor *t, int dtype, int rank, const int64_t *shape, ch
     t->numel = n;
     t->data = calloc((size_t)(n ? n : 1), (size_t)spu_dtype_size(dtype));
     t->owned = 1;
-    if (!t->data) return fail(err, "out of memory for %lld elements", (long long)n);
+    if (!t->data) return spu_fail(err, "out of memory for %lld elements", (long long)n);
     return 0;
 }
 
@@ -146,7 +135,7 @@ static int broadcast(Bcast *b, const Tensor **ts, int n, char *err) {
             if (j < 0) continue;
             int64_t e = ts[k]->shape[j];
             if (e != 1) {
-                if (d != 1 && d != e) return fail(err, "shapes do not broadcast (%lld vs %lld)", (long long)d, (long long)e);
+                if (d != 1 && d != e) return spu_fail(err, "shapes do not broadcast (%lld vs %lld)", (long long)d, (long long)e);
                 d = e;
             }
         }
@@ -208,7 +197,7 @@ static inline uint16_t operand(const Instr *ins, int j) {
 
 static int need_int(Ctx *c, const Tensor *t, const char *what, int k) {
     if (t->dtype != DT_I8 && t->dtype != DT_I16)
-        return fail(c->err, "instruction %d: %s must be i8 or i16", k, what);
+        return spu_fail(c->err, "instruction %d: %s must be i8 or i16", k, what);
     return 0;
 }
 
@@ -223,14 +212,14 @@ static int need_int(Ctx *c, const Tensor *t, const char *what, int k) {
 
 /* acc[n] += sum_k x[k] * w[k, n] for int16 x (|x| <= 2**15) and int8-range w: int32 partial sums over
    chunks of 256 inputs (|partial| < 2**30) flushed into int64, so the result is exact */
-HOT static void dense_row(const int32_t *x, const int16_t *w, int64_t K, int64_t N, int64_t *acc, int32_t *part) {
+HOT static void dense_row(const int32_t *x, const int8_t *w, int64_t K, int64_t N, int64_t *acc, int32_t *part) {
     for (int64_t k0 = 0; k0 < K; k0 += 256) {
         int64_t k1 = k0 + 256 < K ? k0 + 256 : K;
         for (int64_t n = 0; n < N; n++) part[n] = 0;
         for (int64_t k = k0; k < k1; k++) {
             int32_t xv = x[k];
             if (xv == 0) continue;
-            const int16_t *wr = w + k * N;
+            const int8_t *wr = w + k * N;
             for (int64_t n = 0; n < N; n++) part[n] += xv * (int32_t)wr[n];
         }
         for (int64_t n = 0; n < N; n++) acc[n] += part[n];
@@ -273,11 +262,11 @@ HOT static void pencil_rows(const int32_t *xt, const uint32_t *offsets, const ui
 static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *x = &c->env[operand(ins, 0)];
     const BufferDesc *w = const_of(c, operand(ins, 1)), *bias = const_of(c, operand(ins, 2)), *mult = const_of(c, operand(ins, 3));
-    if (!w || !bias || !mult) return fail(c->err, "instruction %d (qdense): weight, bias and multipliers must be constants", k);
+    if (!w || !bias || !mult) return spu_fail(c->err, "instruction %d (qdense): weight, bias and multipliers must be constants", k);
     if (need_int(c, x, "qdense input", k)) return -1;
     if (w->rank != 2 || w->dtype != DT_I8 || x->rank < 1 || x->shape[x->rank - 1] != w->shape[0] || bias->numel != w->shape[1] ||
         mult->numel != w->shape[1])
-        return fail(c->err, "instruction %d (qdense): input, weight, bias and multiplier shapes do not fit", k);
+        return spu_fail(c->err, "instruction %d (qdense): input, weight, bias and multiplier shapes do not fit", k);
     int64_t K = w->shape[0], N = w->shape[1], rows = K ? x->numel / K : 0;
     int64_t shape[SPU_MAX_RANK];
     memcpy(shape, x->shape, sizeof(shape));
@@ -285,19 +274,17 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
     if (tensor_alloc(out, bits_dtype(ins->a[1]), x->rank, shape, c->err)) return -1;
     for (int64_t n = 0; n < N; n++)
         if (bias->values[n] > (INT64_C(1) << 50) || bias->values[n] < -(INT64_C(1) << 50))
-            return fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
+            return spu_fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
     int pencil = w->layout == LY_PENCIL8;
     int64_t *acc = malloc(sizeof(int64_t) * (size_t)(ROWS * N + 1));
     int32_t *part = malloc(sizeof(int32_t) * (size_t)(N + 1));
     int32_t *xr = malloc(sizeof(int32_t) * (size_t)(ROWS * K + 1));
-    int16_t *w16 = pencil ? NULL : malloc(sizeof(int16_t) * (size_t)(K * N + 1));
+    const int8_t *w8 = (const int8_t *)w->native; /* dense layout: the weight as loaded */
     double *uses = malloc(sizeof(double) * (size_t)(K + 1)); /* MACs each nonzero input issues */
-    if (!acc || !part || !xr || !uses || (!pencil && !w16)) {
-        free(acc); free(part); free(xr); free(w16); free(uses);
-        return fail(c->err, "out of memory");
+    if (!acc || !part || !xr || !uses) {
+        free(acc); free(part); free(xr); free(uses);
+        return spu_fail(c->err, "out of memory");
     }
-    if (w16)
-        for (int64_t i = 0; i < K * N; i++) w16[i] = (int16_t)w->values[i];
     for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : (double)N;
     if (pencil)
         for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += 8;
@@ -316,13 +303,13 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
         if (pencil)
             pencil_rows(xr, w->pencil_offsets, w->pencil_index, w->pencil_words, N / 8, acc, N);
         else
-            for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w16, K, N, acc + r * N, part);
+            for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w8, K, N, acc + r * N, part);
         for (int64_t r = 0; r < R; r++)
             for (int64_t n = 0; n < N; n++)
                 st(out, (r0 + r) * N + n, saturate(requant(acc[r * N + n], mult->values[n], ins->a[0]), ins->a[1]));
     }
     double all = total_per_row * (double)rows;
-    free(acc); free(part); free(xr); free(w16); free(uses);
+    free(acc); free(part); free(xr); free(uses);
     s->macs = c->cfg->skip_zero_activations ? issued : all;
     s->macs_skipped = all - s->macs;
     s->act_nonzero = nonzero;
@@ -335,7 +322,7 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     const Tensor *a = &c->env[operand(ins, 0)], *b = &c->env[operand(ins, 1)];
     if (need_int(c, a, "qmatmul operand", k) || need_int(c, b, "qmatmul operand", k)) return -1;
     if (a->rank < 2 || b->rank < 2 || a->shape[a->rank - 1] != b->shape[b->rank - 2])
-        return fail(c->err, "instruction %d (qmatmul): inner dims differ", k);
+        return spu_fail(c->err, "instruction %d (qmatmul): inner dims differ", k);
     int64_t M = a->shape[a->rank - 2], K = a->shape[a->rank - 1], N = b->shape[b->rank - 1];
     Tensor ba = {0}, bb = {0}; /* batch shapes only */
     ba.rank = a->rank - 2; bb.rank = b->rank - 2;
@@ -344,7 +331,7 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     const Tensor *bt[2] = {&ba, &bb};
     Bcast bc;
     if (broadcast(&bc, bt, 2, c->err)) return -1;
-    if (bc.rank + 2 > SPU_MAX_RANK) return fail(c->err, "instruction %d (qmatmul): rank too large", k);
+    if (bc.rank + 2 > SPU_MAX_RANK) return spu_fail(c->err, "instruction %d (qmatmul): rank too large", k);
     int64_t shape[SPU_MAX_RANK];
     memcpy(shape, bc.shape, sizeof(int64_t) * (size_t)bc.rank);
     shape[bc.rank] = M;
@@ -352,7 +339,7 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     if (tensor_alloc(out, bits_dtype(ins->a[2]), bc.rank + 2, shape, c->err)) return -1;
     int16_t *arow = malloc(sizeof(int16_t) * (size_t)(K + 1));
     int16_t *btr = malloc(sizeof(int16_t) * (size_t)(K * N + 1)); /* b transposed: [N][K] */
-    if (!arow || !btr) { free(arow); free(btr); return fail(c->err, "out of memory"); }
+    if (!arow || !btr) { free(arow); free(btr); return spu_fail(c->err, "out of memory"); }
     double issued = 0, skipped = 0;
     int64_t last_b = -1;
     int skip = (int)c->cfg->skip_zero_activations;
@@ -384,7 +371,7 @@ static int op_elementwise(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     const Tensor *ts[3];
     for (int j = 0; j < n; j++) ts[j] = &c->env[operand(ins, j)];
     Bcast bc;
-    if (broadcast(&bc, ts, n, c->err)) return fail(c->err, "instruction %d (%s): shapes do not broadcast", k, spu_op_name(ins->op));
+    if (broadcast(&bc, ts, n, c->err)) return spu_fail(c->err, "instruction %d (%s): shapes do not broadcast", k, spu_op_name(ins->op));
     int dtype;
     switch (ins->op) {
     case OP_QADD: dtype = bits_dtype(ins->a[3]); break;
@@ -406,7 +393,7 @@ static int op_elementwise(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     case OP_LESS: BCAST_LOOP(bc, 2, st(out, out_, ld(ts[0], off[0]) < ld(ts[1], off[1]))); break;
     case OP_EQUAL: BCAST_LOOP(bc, 2, st(out, out_, ld(ts[0], off[0]) == ld(ts[1], off[1]))); break;
     case OP_WHERE: BCAST_LOOP(bc, 3, st(out, out_, ld(ts[0], off[0]) ? ld(ts[1], off[1]) : ld(ts[2], off[2]))); break;
-    default: return fail(c->err, "instruction %d: not an elementwise op", k);
+    default: return spu_fail(c->err, "instruction %d: not an elementwise op", k);
     }
     s->elements = (double)out->numel;
     return 0;
@@ -424,12 +411,12 @@ static int op_unary_table(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     const BufferDesc *table = const_of(c, operand(ins, 1));
     int64_t bits = ins->a[1], step = ins->a[0];
     if (!table || table->dtype != DT_I32 || table->numel != (((int64_t)1 << (bits - step)) + 1) || step > bits)
-        return fail(c->err, "instruction %d (qgelu): table must be an i32 constant of 2**(bits-step_bits)+1 entries", k);
+        return spu_fail(c->err, "instruction %d (qgelu): table must be an i32 constant of 2**(bits-step_bits)+1 entries", k);
     int64_t half = (int64_t)1 << (bits - 1);
     for (int64_t i = 0; i < x->numel; i++) {
         int64_t u = ld(x, i) + half;
         if (u < 0 || (u >> step) + (step ? 1 : 0) >= table->numel)
-            return fail(c->err, "instruction %d (qgelu): input %lld outside the table", k, (long long)ld(x, i));
+            return spu_fail(c->err, "instruction %d (qgelu): input %lld outside the table", k, (long long)ld(x, i));
         st(out, i, saturate(lut(table, u, step), bits));
     }
     s->elements = (double)x->numel;
@@ -443,22 +430,22 @@ static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats 
     if (need_int(c, x, "qsoftmax input", k) || x->rank < 1) return -1;
     int64_t step = ins->a[0], bits = ins->a[1], in_bits = x->dtype == DT_I8 ? 8 : 16;
     if (!table || table->dtype != DT_I32 || step > in_bits || table->numel != (((int64_t)1 << (in_bits - step)) + 1))
-        return fail(c->err, "instruction %d (qsoftmax): table must be an i32 constant of 2**(input bits - step_bits)+1 entries", k);
+        return spu_fail(c->err, "instruction %d (qsoftmax): table must be an i32 constant of 2**(input bits - step_bits)+1 entries", k);
     if (tensor_alloc(out, bits_dtype(bits), x->rank, x->shape, c->err)) return -1;
     int64_t n = x->shape[x->rank - 1], rows = n ? x->numel / n : 0;
     int64_t *e = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
-    if (!e) return fail(c->err, "out of memory");
+    if (!e) return spu_fail(c->err, "out of memory");
     for (int64_t r = 0; r < rows; r++) {
         int64_t m = INT64_MIN, total = 0;
         for (int64_t j = 0; j < n; j++) { int64_t v = ld(x, r * n + j); m = v > m ? v : m; }
         for (int64_t j = 0; j < n; j++) {
             int64_t d = m - ld(x, r * n + j);
-            if ((d >> step) + (step ? 1 : 0) >= table->numel) { free(e); return fail(c->err, "instruction %d (qsoftmax): input outside the table", k); }
+            if ((d >> step) + (step ? 1 : 0) >= table->numel) { free(e); return spu_fail(c->err, "instruction %d (qsoftmax): input outside the table", k); }
             e[j] = lut(table, d, step);
-            if (e[j] < 0) { free(e); return fail(c->err, "instruction %d (qsoftmax): negative exp table entry", k); }
+            if (e[j] < 0) { free(e); return spu_fail(c->err, "instruction %d (qsoftmax): negative exp table entry", k); }
             total += e[j];
         }
-        if (total <= 0) { free(e); return fail(c->err, "instruction %d (qsoftmax): row sums to %lld", k, (long long)total); }
+        if (total <= 0) { free(e); return spu_fail(c->err, "instruction %d (qsoftmax): row sums to %lld", k, (long long)total); }
         for (int64_t j = 0; j < n; j++) st(out, r * n + j, saturate((e[j] * ((int64_t)1 << (bits - 1)) + total / 2) / total, bits));
     }
     free(e);
@@ -473,10 +460,10 @@ static int op_qlayer_norm(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     if (need_int(c, x, "qlayer_norm input", k) || x->rank < 1) return -1;
     int64_t n = x->shape[x->rank - 1];
     if (!gamma || !beta || gamma->numel != n || beta->numel != n || n < 1 || n > (1 << 20))
-        return fail(c->err, "instruction %d (qlayer_norm): gamma and beta must be constants of the last dim", k);
+        return spu_fail(c->err, "instruction %d (qlayer_norm): gamma and beta must be constants of the last dim", k);
     for (int64_t j = 0; j < n; j++)
         if (gamma->values[j] > (INT64_C(1) << 24) || gamma->values[j] < -(INT64_C(1) << 24))
-            return fail(c->err, "instruction %d (qlayer_norm): gamma beyond 2**24", k);
+            return spu_fail(c->err, "instruction %d (qlayer_norm): gamma beyond 2**24", k);
     if (tensor_alloc(out, bits_dtype(ins->a[2]), x->rank, x->shape, c->err)) return -1;
     int64_t rows = x->numel / n, eps = ins->a[0], gs = ins->a[1], bits = ins->a[2];
     for (int64_t r = 0; r < rows; r++) {
@@ -503,7 +490,7 @@ static int op_qgather(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     const BufferDesc *table = const_of(c, operand(ins, 0)), *mult = const_of(c, operand(ins, 1));
     const Tensor *ids = &c->env[operand(ins, 2)];
     if (!table || !mult || table->rank != 2 || mult->numel != table->shape[1] || ids->rank + 1 > SPU_MAX_RANK)
-        return fail(c->err, "instruction %d (qgather): needs a [dim, rows] table and per-row multipliers", k);
+        return spu_fail(c->err, "instruction %d (qgather): needs a [dim, rows] table and per-row multipliers", k);
     int64_t D = table->shape[0], V = table->shape[1], shape[SPU_MAX_RANK];
     memcpy(shape, ids->shape, sizeof(int64_t) * (size_t)ids->rank);
     shape[ids->rank] = D;
@@ -511,7 +498,7 @@ static int op_qgather(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     for (int64_t i = 0; i < ids->numel; i++) {
         int64_t id = ld(ids, i);
         if (id < 0) id += V;
-        if (id < 0 || id >= V) return fail(c->err, "instruction %d (qgather): index %lld out of range for %lld rows", k, (long long)ld(ids, i), (long long)V);
+        if (id < 0 || id >= V) return spu_fail(c->err, "instruction %d (qgather): index %lld out of range for %lld rows", k, (long long)ld(ids, i), (long long)V);
         for (int64_t d = 0; d < D; d++)
             st(out, i * D + d, saturate(requant(table->values[d * V + id], mult->values[id], ins->a[0]), ins->a[1]));
     }
@@ -521,7 +508,7 @@ static int op_qgather(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
 
 /* values of a small integer tensor (shape vectors, axes, scalars) */
 static int int_values(Ctx *c, const Tensor *t, int64_t *out, int max, int k, const char *what) {
-    if (t->numel > max) return fail(c->err, "instruction %d: %s has %lld values, at most %d allowed", k, what, (long long)t->numel, max);
+    if (t->numel > max) return spu_fail(c->err, "instruction %d: %s has %lld values, at most %d allowed", k, what, (long long)t->numel, max);
     for (int64_t i = 0; i < t->numel; i++) out[i] = ld(t, i);
     return (int)t->numel;
 }
@@ -529,7 +516,7 @@ static int int_values(Ctx *c, const Tensor *t, int64_t *out, int max, int k, con
 static int copy_view(Ctx *c, const Tensor *x, Tensor *out, int rank, const int64_t *shape, int k) {
     int64_t n = 1;
     for (int i = 0; i < rank; i++) n *= shape[i];
-    if (n != x->numel) return fail(c->err, "instruction %d (%s): %lld elements cannot take the new shape", k, "reshape", (long long)x->numel);
+    if (n != x->numel) return spu_fail(c->err, "instruction %d (%s): %lld elements cannot take the new shape", k, "reshape", (long long)x->numel);
     if (tensor_alloc(out, x->dtype, rank, shape, c->err)) return -1;
     memcpy(out->data, x->data, (size_t)(x->numel * spu_dtype_size(x->dtype)));
     return 0;
@@ -550,21 +537,21 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
         for (int i = 0; i < n; i++) {
             int64_t d = vals[i];
             if (d == 0 && !(ins->has[0] && ins->a[0])) {
-                if (i >= x->rank) return fail(c->err, "instruction %d (reshape): 0 refers past the input rank", k);
+                if (i >= x->rank) return spu_fail(c->err, "instruction %d (reshape): 0 refers past the input rank", k);
                 d = x->shape[i];
             }
             if (d == -1) {
-                if (infer >= 0) return fail(c->err, "instruction %d (reshape): two -1 dims", k);
+                if (infer >= 0) return spu_fail(c->err, "instruction %d (reshape): two -1 dims", k);
                 infer = i;
                 shape[i] = 1;
                 continue;
             }
-            if (d < 0) return fail(c->err, "instruction %d (reshape): negative dim %lld", k, (long long)d);
+            if (d < 0) return spu_fail(c->err, "instruction %d (reshape): negative dim %lld", k, (long long)d);
             shape[i] = d;
             known *= d;
         }
         if (infer >= 0) {
-            if (known == 0 || x->numel % known) return fail(c->err, "instruction %d (reshape): cannot infer -1", k);
+            if (known == 0 || x->numel % known) return spu_fail(c->err, "instruction %d (reshape): cannot infer -1", k);
             shape[infer] = x->numel / known;
         }
         return copy_view(c, x, out, n, shape, k);
@@ -577,18 +564,18 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
             int drop[SPU_MAX_RANK] = {0};
             for (int i = 0; i < n; i++) {
                 int64_t a = norm_axis(vals[i], x->rank);
-                if (a < 0 || a >= x->rank || x->shape[a] != 1) return fail(c->err, "instruction %d (squeeze): axis %lld is not a dim of size 1", k, (long long)vals[i]);
+                if (a < 0 || a >= x->rank || x->shape[a] != 1) return spu_fail(c->err, "instruction %d (squeeze): axis %lld is not a dim of size 1", k, (long long)vals[i]);
                 drop[a] = 1;
             }
             for (int i = 0; i < x->rank; i++)
                 if (!(n ? drop[i] : x->shape[i] == 1)) shape[rank++] = x->shape[i];
         } else {
             rank = x->rank + n;
-            if (rank > SPU_MAX_RANK) return fail(c->err, "instruction %d (unsqueeze): rank too large", k);
+            if (rank > SPU_MAX_RANK) return spu_fail(c->err, "instruction %d (unsqueeze): rank too large", k);
             int add[SPU_MAX_RANK] = {0};
             for (int i = 0; i < n; i++) {
                 int64_t a = norm_axis(vals[i], rank);
-                if (a < 0 || a >= rank || add[a]) return fail(c->err, "instruction %d (unsqueeze): bad axis %lld", k, (long long)vals[i]);
+                if (a < 0 || a >= rank || add[a]) return spu_fail(c->err, "instruction %d (unsqueeze): bad axis %lld", k, (long long)vals[i]);
                 add[a] = 1;
             }
             for (int i = 0, j = 0; i < rank; i++) shape[i] = add[i] ? 1 : x->shape[j++];
@@ -608,23 +595,23 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
     }
     case OP_RANGE: {
         const Tensor *a = &c->env[operand(ins, 0)], *b = &c->env[operand(ins, 1)], *d = &c->env[operand(ins, 2)];
-        if (a->numel != 1 || b->numel != 1 || d->numel != 1) return fail(c->err, "instruction %d (range): start, limit and delta must be scalars", k);
+        if (a->numel != 1 || b->numel != 1 || d->numel != 1) return spu_fail(c->err, "instruction %d (range): start, limit and delta must be scalars", k);
         int64_t s0 = ld(a, 0), lim = ld(b, 0), del = ld(d, 0);
-        if (del == 0) return fail(c->err, "instruction %d (range): delta is 0", k);
+        if (del == 0) return spu_fail(c->err, "instruction %d (range): delta is 0", k);
         int64_t n = (lim - s0 + del + (del > 0 ? -1 : 1)) / del;
         n = n > 0 ? n : 0;
-        if (n > MAX_ELEMENTS) return fail(c->err, "instruction %d (range): too long", k);
+        if (n > MAX_ELEMENTS) return spu_fail(c->err, "instruction %d (range): too long", k);
         if (tensor_alloc(out, a->dtype, 1, &n, c->err)) return -1;
         for (int64_t i = 0; i < n; i++) st(out, i, s0 + i * del);
         return 0;
     }
     case OP_TRANSPOSE: {
         int64_t perm[SPU_MAX_RANK];
-        if (ins->list_len >= 0 && ins->list_len != x->rank) return fail(c->err, "instruction %d (transpose): perm length differs from rank", k);
+        if (ins->list_len >= 0 && ins->list_len != x->rank) return spu_fail(c->err, "instruction %d (transpose): perm length differs from rank", k);
         int seen[SPU_MAX_RANK] = {0};
         for (int i = 0; i < x->rank; i++) {
             perm[i] = ins->list_len >= 0 ? ins->list[i] : x->rank - 1 - i;
-            if (perm[i] < 0 || perm[i] >= x->rank || seen[perm[i]]++) return fail(c->err, "instruction %d (transpose): bad perm", k);
+            if (perm[i] < 0 || perm[i] >= x->rank || seen[perm[i]]++) return spu_fail(c->err, "instruction %d (transpose): bad perm", k);
             shape[i] = x->shape[perm[i]];
         }
         if (tensor_alloc(out, x->dtype, x->rank, shape, c->err)) return -1;
@@ -645,14 +632,14 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
     }
     case OP_CONCAT: {
         int64_t axis = norm_axis(ins->a[0], x->rank);
-        if (axis < 0 || axis >= x->rank) return fail(c->err, "instruction %d (concat): axis out of range", k);
+        if (axis < 0 || axis >= x->rank) return spu_fail(c->err, "instruction %d (concat): axis out of range", k);
         memcpy(shape, x->shape, sizeof(shape));
         shape[axis] = 0;
         for (int j = 0; j < ins->n_in; j++) {
             const Tensor *t = &c->env[operand(ins, j)];
-            if (t->rank != x->rank || t->dtype != x->dtype) return fail(c->err, "instruction %d (concat): inputs differ in rank or dtype", k);
+            if (t->rank != x->rank || t->dtype != x->dtype) return spu_fail(c->err, "instruction %d (concat): inputs differ in rank or dtype", k);
             for (int i = 0; i < x->rank; i++)
-                if (i != axis && t->shape[i] != x->shape[i]) return fail(c->err, "instruction %d (concat): inputs differ off the axis", k);
+                if (i != axis && t->shape[i] != x->shape[i]) return spu_fail(c->err, "instruction %d (concat): inputs differ off the axis", k);
             shape[axis] += t->shape[axis];
         }
         if (tensor_alloc(out, x->dtype, x->rank, shape, c->err)) return -1;
@@ -673,7 +660,7 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
     case OP_GATHER: {
         const Tensor *ids = &c->env[operand(ins, 1)];
         int64_t axis = norm_axis(ins->has[0] ? ins->a[0] : 0, x->rank);
-        if (axis < 0 || axis >= x->rank || x->rank - 1 + ids->rank > SPU_MAX_RANK) return fail(c->err, "instruction %d (gather): axis or rank out of range", k);
+        if (axis < 0 || axis >= x->rank || x->rank - 1 + ids->rank > SPU_MAX_RANK) return spu_fail(c->err, "instruction %d (gather): axis or rank out of range", k);
         int r = 0;
         for (int i = 0; i < axis; i++) shape[r++] = x->shape[i];
         for (int i = 0; i < ids->rank; i++) shape[r++] = ids->shape[i];
@@ -686,16 +673,16 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
             for (int64_t j = 0; j < ids->numel; j++) {
                 int64_t id = ld(ids, j);
                 if (id < 0) id += n;
-                if (id < 0 || id >= n) return fail(c->err, "instruction %d (gather): index %lld out of range for %lld", k, (long long)ld(ids, j), (long long)n);
+                if (id < 0 || id >= n) return spu_fail(c->err, "instruction %d (gather): index %lld out of range for %lld", k, (long long)ld(ids, j), (long long)n);
                 for (int64_t i = 0; i < inner; i++) st(out, (o * ids->numel + j) * inner + i, ld(x, (o * n + id) * inner + i));
             }
         return 0;
     }
     case OP_GATHER_ND: {
         const Tensor *ids = &c->env[operand(ins, 1)];
-        if (ids->rank < 1) return fail(c->err, "instruction %d (gather_nd): indices need a last dim", k);
+        if (ids->rank < 1) return spu_fail(c->err, "instruction %d (gather_nd): indices need a last dim", k);
         int64_t depth = ids->shape[ids->rank - 1];
-        if (depth > x->rank || ids->rank - 1 + x->rank - depth > SPU_MAX_RANK) return fail(c->err, "instruction %d (gather_nd): index depth too large", k);
+        if (depth > x->rank || ids->rank - 1 + x->rank - depth > SPU_MAX_RANK) return spu_fail(c->err, "instruction %d (gather_nd): index depth too large", k);
         int r = 0;
         for (int i = 0; i < ids->rank - 1; i++) shape[r++] = ids->shape[i];
         for (int i = (int)depth; i < x->rank; i++) shape[r++] = x->shape[i];
@@ -708,7 +695,7 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
             for (int64_t d = 0; d < depth; d++) {
                 int64_t v = ld(ids, q * depth + d);
                 if (v < 0) v += x->shape[d];
-                if (v < 0 || v >= x->shape[d]) return fail(c->err, "instruction %d (gather_nd): index %lld out of range", k, (long long)ld(ids, q * depth + d));
+                if (v < 0 || v >= x->shape[d]) return spu_fail(c->err, "instruction %d (gather_nd): index %lld out of range", k, (long long)ld(ids, q * depth + d));
                 off += v * xs[d];
             }
             for (int64_t i = 0; i < inner; i++) st(out, q * inner + i, ld(x, off + i));
@@ -720,10 +707,10 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
         if (n < 0) return -1;
         Tensor shp = {0};
         shp.rank = n;
-        for (int i = 0; i < n; i++) { if (vals[i] < 0) return fail(c->err, "instruction %d (expand): negative dim", k); shp.shape[i] = vals[i]; }
+        for (int i = 0; i < n; i++) { if (vals[i] < 0) return spu_fail(c->err, "instruction %d (expand): negative dim", k); shp.shape[i] = vals[i]; }
         const Tensor *ts[2] = {x, &shp};
         Bcast bc;
-        if (broadcast(&bc, ts, 2, c->err)) return fail(c->err, "instruction %d (expand): shapes do not broadcast", k);
+        if (broadcast(&bc, ts, 2, c->err)) return spu_fail(c->err, "instruction %d (expand): shapes do not broadcast", k);
         if (tensor_alloc(out, x->dtype, bc.rank, bc.shape, c->err)) return -1;
         BCAST_LOOP(bc, 1, st(out, out_, ld(x, off[0])));
         return 0;
@@ -731,18 +718,18 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
     case OP_SLICE: {
         int64_t starts[SPU_MAX_RANK + 2], ends[SPU_MAX_RANK + 2], axes[SPU_MAX_RANK + 2], steps[SPU_MAX_RANK + 2];
         int n = int_values(c, &c->env[operand(ins, 1)], starts, SPU_MAX_RANK, k, "starts");
-        if (n < 0 || int_values(c, &c->env[operand(ins, 2)], ends, SPU_MAX_RANK, k, "ends") != n) return fail(c->err, "instruction %d (slice): starts and ends differ", k);
+        if (n < 0 || int_values(c, &c->env[operand(ins, 2)], ends, SPU_MAX_RANK, k, "ends") != n) return spu_fail(c->err, "instruction %d (slice): starts and ends differ", k);
         for (int i = 0; i < n; i++) { axes[i] = i; steps[i] = 1; }
-        if (ins->n_in > 3 && int_values(c, &c->env[operand(ins, 3)], axes, SPU_MAX_RANK, k, "axes") != n) return fail(c->err, "instruction %d (slice): axes differ", k);
-        if (ins->n_in > 4 && int_values(c, &c->env[operand(ins, 4)], steps, SPU_MAX_RANK, k, "steps") != n) return fail(c->err, "instruction %d (slice): steps differ", k);
+        if (ins->n_in > 3 && int_values(c, &c->env[operand(ins, 3)], axes, SPU_MAX_RANK, k, "axes") != n) return spu_fail(c->err, "instruction %d (slice): axes differ", k);
+        if (ins->n_in > 4 && int_values(c, &c->env[operand(ins, 4)], steps, SPU_MAX_RANK, k, "steps") != n) return spu_fail(c->err, "instruction %d (slice): steps differ", k);
         int64_t lo[SPU_MAX_RANK], step[SPU_MAX_RANK];
         for (int i = 0; i < x->rank; i++) { lo[i] = 0; step[i] = 1; shape[i] = x->shape[i]; }
         for (int i = 0; i < n; i++) {
             int64_t a = axes[i], d;
-            if (a < 0 || a >= x->rank) return fail(c->err, "instruction %d (slice): axis %lld out of range", k, (long long)a);
+            if (a < 0 || a >= x->rank) return spu_fail(c->err, "instruction %d (slice): axis %lld out of range", k, (long long)a);
             d = x->shape[a];
             int64_t s0 = starts[i], e0 = ends[i], sp = steps[i];
-            if (sp == 0) return fail(c->err, "instruction %d (slice): step 0", k);
+            if (sp == 0) return spu_fail(c->err, "instruction %d (slice): step 0", k);
             /* python slice.indices */
             if (sp > 0) {
                 s0 = s0 < 0 ? (s0 + d < 0 ? 0 : s0 + d) : (s0 > d ? d : s0);
@@ -771,7 +758,7 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
         return 0;
     }
     case OP_IM2COL: {
-        if (x->rank != 3) return fail(c->err, "instruction %d (im2col): input must be [N, C, L]", k);
+        if (x->rank != 3) return spu_fail(c->err, "instruction %d (im2col): input must be [N, C, L]", k);
         int64_t K = ins->a[0], stride = ins->has[1] ? ins->a[1] : 1, dil = ins->has[2] ? ins->a[2] : 1;
         int64_t plo = ins->list_len == 2 ? ins->list[0] : 0, phi = ins->list_len == 2 ? ins->list[1] : 0;
         int64_t N = x->shape[0], C = x->shape[1], L = x->shape[2];
@@ -790,7 +777,7 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
         s->elements = (double)out->numel;
         return 0;
     }
-    default: return fail(c->err, "instruction %d: unknown op", k);
+    default: return spu_fail(c->err, "instruction %d: unknown op", k);
     }
 }
 
@@ -866,14 +853,14 @@ static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) 
 
 static int check_declared(Ctx *c, const BufferDesc *b, const Tensor *t, int k, uint16_t id) {
     if (t->dtype != b->dtype || t->rank != b->rank)
-        return fail(c->err, "instruction %d (%s) made a tensor of dtype %d rank %d, buffer %u (%s) is dtype %d rank %d", k,
+        return spu_fail(c->err, "instruction %d (%s) made a tensor of dtype %d rank %d, buffer %u (%s) is dtype %d rank %d", k,
                     spu_op_name(c->p->code[k].op), t->dtype, t->rank, id, b->name, b->dtype, b->rank);
     for (int i = 0; i < b->rank; i++) {
         Dim d = b->dims[i];
         if (d.c == -1 && d.t == 0 && d.p == 0) continue;
         int64_t want = d.c + (int64_t)d.t * c->T + (int64_t)d.p * c->P;
         if (want != t->shape[i])
-            return fail(c->err, "instruction %d (%s) made dim %d = %lld, buffer %u (%s) declares %lld", k, spu_op_name(c->p->code[k].op), i,
+            return spu_fail(c->err, "instruction %d (%s) made dim %d = %lld, buffer %u (%s) declares %lld", k, spu_op_name(c->p->code[k].op), i,
                         (long long)t->shape[i], id, b->name, (long long)want);
     }
     return 0;
@@ -887,7 +874,7 @@ int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs
         const BufferDesc *b = &p->buffers[p->symbols[i].buffer];
         Tensor *x = &inputs[i];
         if (x->dtype != b->dtype || x->rank != b->rank)
-            return fail(err, "%s: input %s has dtype %d rank %d, expected dtype %d rank %d", p->graph, p->symbols[i].name, x->dtype, x->rank, b->dtype, b->rank);
+            return spu_fail(err, "%s: input %s has dtype %d rank %d, expected dtype %d rank %d", p->graph, p->symbols[i].name, x->dtype, x->rank, b->dtype, b->rank);
         for (int k = 0; k < b->rank; k++) {
             Dim d = b->dims[k];
             int64_t *sym = NULL, coef = 0;
@@ -896,7 +883,7 @@ int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs
             if (!sym) continue;
             int64_t v = x->shape[k] - d.c;
             if (v < 0 || v % coef || (*sym >= 0 && *sym != v / coef))
-                return fail(err, "%s: input %s dim %lld does not fit its declared dim", p->graph, p->symbols[i].name, (long long)x->shape[k]);
+                return spu_fail(err, "%s: input %s dim %lld does not fit its declared dim", p->graph, p->symbols[i].name, (long long)x->shape[k]);
             *sym = v / coef;
         }
     }
@@ -908,27 +895,30 @@ int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs
             Dim d = b->dims[k];
             if (d.c == -1 && !d.t && !d.p) continue;
             if (d.c + (int64_t)d.t * c.T + (int64_t)d.p * c.P != inputs[i].shape[k])
-                return fail(err, "%s: input %s has dim %d = %lld, expected %lld", p->graph, p->symbols[i].name, k,
+                return spu_fail(err, "%s: input %s has dim %d = %lld, expected %lld", p->graph, p->symbols[i].name, k,
                             (long long)inputs[i].shape[k], (long long)(d.c + (int64_t)d.t * c.T + (int64_t)d.p * c.P));
         }
     }
     c.env = calloc(p->n_buffers + 1, sizeof(Tensor));
-    if (!c.env) return fail(err, "out of memory");
+    if (!c.env) return spu_fail(err, "out of memory");
     for (uint32_t i = 0; i < p->n_inputs; i++) {
         Tensor *t = &c.env[p->symbols[i].buffer];
         *t = inputs[i];
         t->owned = 0;
     }
-    /* constants are visible as tensors too (data movement ops may read them) */
-    int64_t **const_data = calloc(p->n_buffers + 1, sizeof(int64_t *));
-    if (!const_data) { free(c.env); return fail(err, "out of memory"); }
+    /* constants are visible as tensors too (data movement ops may read them): views of the
+       arrays decoded when the program was loaded */
     int rc = 0;
-    for (uint32_t i = 0; i < p->n_buffers && !rc; i++) {
+    for (uint32_t i = 0; i < p->n_buffers; i++) {
         const BufferDesc *b = &p->buffers[i];
         if (b->region != RG_CONST && b->region != RG_STREAM) continue;
         Tensor *t = &c.env[i];
-        rc = tensor_alloc(t, b->dtype, b->rank, b->shape, err);
-        for (int64_t j = 0; !rc && j < b->numel; j++) st(t, j, b->values[j]);
+        t->dtype = b->dtype;
+        t->rank = b->rank;
+        memcpy(t->shape, b->shape, sizeof(t->shape));
+        t->numel = b->numel;
+        t->data = b->native;
+        t->owned = 0;
     }
     for (uint32_t k = 0; k < p->n_code && !rc; k++) {
         const Instr *ins = &p->code[k];
@@ -983,6 +973,5 @@ int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs
     }
     for (uint32_t i = 0; i < p->n_buffers; i++) tensor_free(&c.env[i]);
     free(c.env);
-    free(const_data);
     return rc;
 }

@@ -15,8 +15,6 @@
 
 #include "spusim.h"
 
-const char *spu_op_name(int op);
-
 typedef struct {
     PyObject_HEAD
     Program prog;
@@ -318,11 +316,9 @@ PyMODINIT_FUNC PyInit__spusim(void) {
         Py_DECREF(m);
         return NULL;
     }
-    PyObject *fields = PyTuple_New(0);
     int n = 0;
     while (STAT_FIELDS[n]) n++;
-    Py_DECREF(fields);
-    fields = PyTuple_New(n);
+    PyObject *fields = PyTuple_New(n);
     for (int i = 0; i < n; i++) PyTuple_SET_ITEM(fields, i, PyUnicode_FromString(STAT_FIELDS[i]));
     PyModule_AddObject(m, "STAT_FIELDS", fields);
     return m;

@@ -38,6 +38,7 @@ typedef struct {
     const uint8_t *blob;       /* constants: their bytes inside the program */
     /* decoded constant (any layout): int64 copy of the values; pencil8 also keeps its structure */
     int64_t *values;
+    void *native;   /* the same values in the buffer's dtype, row-major: what a run reads as a tensor */
     int64_t numel;
     int64_t shape[SPU_MAX_RANK];
     const uint32_t *pencil_offsets; /* pencil8: [groups + 1] */
@@ -100,6 +101,8 @@ typedef struct {
 } InstrStats;
 
 /* spu_program.c */
+int spu_fail(char *err, const char *fmt, ...); /* writes the message to err, returns -1 */
+const char *spu_op_name(int op);
 int spu_parse(Program *p, const uint8_t *bytes, size_t size, char *err);
 void spu_free(Program *p);
 int64_t spu_dtype_size(int dtype);
