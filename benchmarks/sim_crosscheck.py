@@ -28,7 +28,7 @@ def main() -> int:
     from femtocc.frontend.whisper import load_whisper
     from femtocc.ir import load
     from femtocc.passes.calibrate import _features
-    from femtocc.runtime.sim import extension, sim_config
+    from femtocc.runtime.sim import SimRuntime
     from femtocc.targets.spu001 import load as load_target
     from femtocc.targets.spu001.cost import linear_layer_costs
 
@@ -41,35 +41,19 @@ def main() -> int:
     manifest = json.loads((build / "build.json").read_text())
     target = load_target()
     bundle = load_whisper(manifest["model"])
-    cfg = dict(sim_config(target), skip_zero_activations=0)
-    fields = extension().STAT_FIELDS
-    sims = {w: extension().Simulator((build / p).read_bytes(), cfg) for w, p in manifest["programs"].items()}
-
-    def run(w, feeds):
-        args_ = []
-        for name, dtype, scale, _ in sims[w].inputs:
-            x = feeds[name]
-            if scale:
-                x = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -32767, 32767).astype(np.int16 if dtype == 1 else np.int8)
-            args_.append((dtype, x.shape, np.ascontiguousarray(x)))
-        outs, rows = sims[w].run(args_)
-        return outs, {c: dict(zip(fields, r)) for (op, _, c, _), r in zip(sims[w].instructions, rows) if op == "qdense"}
+    sink: list = []
+    run = {w: SimRuntime((build / p).read_bytes(), target, w, {"skip_zero_activations": 0}).runner(sink)
+           for w, p in manifest["programs"].items()}
 
     utt = load_dataset(args.data)[0]
-    feats = _features(bundle, utt.audio())
-    outs, measured = run("encoder", {"input_features": feats})
-    enc = np.frombuffer(outs[0][2], np.int16).reshape(outs[0][1]).astype(np.float32) * np.float32(sims["encoder"].outputs[0][2])
-    outs, m = run("cross_kv", {"encoder_hidden_states": enc})
-    measured.update(m)
-    cross = {name: np.frombuffer(raw, np.int16).reshape(shape).astype(np.float32) * np.float32(scale)
-             for (name, _, scale, _), (_, shape, raw) in zip(sims["cross_kv"].outputs, outs)}
+    enc = run["encoder"]({"input_features": _features(bundle, utt.audio())})["encoder_hidden_states"]
+    cross = run["cross_kv"]({"encoder_hidden_states": enc})
     prompt = list(bundle.decode.prompt)
-    feeds = {"input_ids": np.array([prompt], np.int64), **cross}
-    for i in range(bundle.config.decoder_layers):
-        for t in "kv":
-            feeds[f"past_{t}.{i}"] = np.zeros((1, bundle.config.decoder_attention_heads, 0, bundle.config.d_model // bundle.config.decoder_attention_heads), np.float32)
-    _, m = run("decoder_step", feeds)
-    measured.update(m)
+    cfg = bundle.config
+    empty = np.zeros((1, cfg.decoder_attention_heads, 0, cfg.d_model // cfg.decoder_attention_heads), np.float32)
+    run["decoder_step"]({"input_ids": np.array([prompt], np.int64), **cross,
+                         **{f"past_{t}.{i}": empty for i in range(cfg.decoder_layers) for t in "kv"}})
+    measured = {const: row for stats in sink for (op, _, const, _), row in zip(stats.instructions, stats.rows) if op == "qdense"}
 
     predicted = {}
     for w in manifest["programs"]:

@@ -371,6 +371,29 @@ def decode_params(ins: Instruction, label: str) -> dict:
     return attrs
 
 
+def float_io(run_ints, input_types: dict, output_scales: dict):
+    """Wrap ``run_ints`` (integer feeds -> integer outputs) as float-in, float-out, as the host
+    does at a program's boundary: inputs are quantized with their symbol's scale and saturated to
+    their dtype, outputs dequantized; symbols without a scale (token ids) pass as they are.
+    ``input_types``: name -> (scale, numpy dtype); ``output_scales``: name -> scale."""
+
+    def run(feeds):
+        ints = {}
+        for name, x in feeds.items():
+            if name not in input_types:
+                continue
+            scale, dt = input_types[name]
+            if scale:
+                lim = np.iinfo(dt).max
+                ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -lim, lim).astype(dt)
+            else:
+                ints[name] = np.asarray(x).astype(dt)
+        out = run_ints(ints)
+        return {k: (v.astype(np.float32) * np.float32(output_scales[k]) if output_scales[k] else v) for k, v in out.items()}
+
+    return run
+
+
 # ----------------------------------------------------------------------------- constant layouts
 
 

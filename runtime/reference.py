@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from femtocc.runtime.program import CONSTANT_REGIONS, NUMPY, Program, ProgramError, bind, decode_constant, decode_params
+from femtocc.runtime.program import CONSTANT_REGIONS, NUMPY, Program, ProgramError, bind, decode_constant, decode_params, float_io
 
 
 def load_program(path) -> Program:
@@ -81,25 +81,7 @@ class ReferenceRuntime:
         return {s.name: env[s.buffer] for s in p.outputs}
 
     def runner(self):
-        """A float-in, float-out runner for the decoding loop: inputs are quantized with the program's
-        input scales (host side), outputs dequantized with its output scales."""
+        """A float-in, float-out runner for the decoding loop (see :func:`float_io`)."""
         p = self.program
-        scales_in = {s.name: s.scale for s in p.inputs}
-        scales_out = {s.name: s.scale for s in p.outputs}
-        dtypes = {s.name: NUMPY[p.buffers[s.buffer].dtype] for s in p.inputs}
-
-        def run(feeds):
-            ints = {}
-            for name, x in feeds.items():
-                if name not in scales_in:
-                    continue
-                s, dt = scales_in[name], dtypes[name]
-                if s:
-                    lim = np.iinfo(dt).max
-                    ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(s)), -lim, lim).astype(dt)
-                else:
-                    ints[name] = np.asarray(x).astype(dt)
-            out = self.run(ints)
-            return {k: (v.astype(np.float32) * np.float32(scales_out[k]) if scales_out[k] else v) for k, v in out.items()}
-
-        return run
+        return float_io(self.run, {s.name: (s.scale, NUMPY[p.buffers[s.buffer].dtype]) for s in p.inputs},
+                        {s.name: s.scale for s in p.outputs})

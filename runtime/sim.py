@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from femtocc.runtime.program import DTYPES, NUMPY, ProgramError
+from femtocc.runtime.program import DTYPES, NUMPY, ProgramError, float_io
 
 STAT_FIELDS: tuple[str, ...] = ()
 
@@ -117,24 +117,11 @@ class SimRuntime:
 
     def runner(self, sink: list | None = None):
         """Float-in, float-out like :meth:`ReferenceRuntime.runner`; each run's stats go to ``sink``."""
-        scales_in = {n: s for n, _, s, _ in self.inputs}
-        dtypes = {n: NUMPY[DTYPES[d]] for n, d, _, _ in self.inputs}
-        scales_out = {n: s for n, _, s, _ in self.outputs}
 
-        def run(feeds):
-            ints = {}
-            for name, x in feeds.items():
-                if name not in scales_in:
-                    continue
-                s, dt = scales_in[name], dtypes[name]
-                if s:
-                    lim = np.iinfo(dt).max
-                    ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(s)), -lim, lim).astype(dt)
-                else:
-                    ints[name] = np.asarray(x).astype(dt)
+        def run_ints(ints):
             out, stats = self.run(ints)
             if sink is not None:
                 sink.append(stats)
-            return {k: (v.astype(np.float32) * np.float32(scales_out[k]) if scales_out[k] else v) for k, v in out.items()}
+            return out
 
-        return run
+        return float_io(run_ints, {n: (s, NUMPY[DTYPES[d]]) for n, d, s, _ in self.inputs}, {n: s for n, _, s, _ in self.outputs})
