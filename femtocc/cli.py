@@ -31,6 +31,12 @@ def _manager(args):
     )
 
 
+def _gradual_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=1, help="gradual OBS pruning in this many steps (default 1: one shot)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after each step, distil from the dense model for this many epochs over the calibration speech")
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help=f"speech folder (transcripts.tsv or LibriSpeech layout; default {DEFAULT_DATA})")
     p.add_argument("--limit", type=int, default=None, help="use only the first N utterances (sorted by id)")
@@ -223,10 +229,10 @@ def cmd_run(args) -> int:
     if args.runtime == "sim":
         from tqdm import tqdm
 
+        from femtocc.decode import build_target
         from femtocc.runtime.report import utterance_stats
-        from femtocc.targets.spu001 import load
 
-        clock_hz = (load(manifest["target_file"]) if manifest.get("target_file") else load()).facts.clock_hz
+        clock_hz = build_target(manifest).facts.clock_hz
         for u in tqdm(utts, desc="transcribe [sim]", unit="utt", disable=args.quiet, leave=False):
             start = len(sink)
             transcripts += transcribe(bundle, backend, [u])
@@ -314,9 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="calibrate each block on the already pruned blocks before it")
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
     p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
-    p.add_argument("--steps", type=int, default=1, help="gradual OBS pruning in this many steps (default 1: one shot)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="after each step, distil from the dense model for this many epochs over the calibration speech")
+    _gradual_args(p)
     p.add_argument("--calib", default=DEFAULT_DATA, help=f"calibration speech folder (default {DEFAULT_DATA})")
     p.add_argument("--calib-split", choices=("calib", "all"), default="calib",
                    help="use the speaker-disjoint calibration part of --calib (default), or all of it")
@@ -337,9 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=None, help="prune with this method first (default: no pruning)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default="pencil8", help="pruning pattern (default pencil8, the SPU's native sparsity)")
-    p.add_argument("--steps", type=int, default=1, help="gradual pruning in this many steps (default 1: one shot)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="after each step, distil from the dense model for this many epochs over the calibration speech")
+    _gradual_args(p)
     from femtocc.compile import QUANT
 
     p.add_argument("--quant", choices=tuple(QUANT), default="w8a16")

@@ -176,6 +176,13 @@ def make_backend(bundle, kind: str, manager=None, progress=None, export_dir=None
 RUNTIMES = ("reference", "sim")
 
 
+def build_target(manifest: dict):
+    """The target description a build was compiled for (its own file, else the default spu001)."""
+    from femtocc.targets.spu001 import load
+
+    return load(manifest["target_file"]) if manifest.get("target_file") else load()
+
+
 def build_runners(build_dir, runtime: str = "reference", sink: list | None = None) -> tuple[dict[str, Runner], dict]:
     """Runners for the programs of a ``femtocc compile`` build on ``runtime`` (``reference``: numpy,
     ``sim``: the C cycle simulator, whose per-run statistics are appended to ``sink``), and the
@@ -198,9 +205,8 @@ def build_runners(build_dir, runtime: str = "reference", sink: list | None = Non
 
         return {w: ReferenceRuntime(load_program(p)).runner() for w, p in paths.items()}, manifest
     from femtocc.runtime.sim import SimRuntime
-    from femtocc.targets.spu001 import load
 
-    target = load(manifest["target_file"]) if manifest.get("target_file") else load()
+    target = build_target(manifest)
     runners = {}
     for w, p in paths.items():
         try:

@@ -75,7 +75,7 @@ def _patterns():
         ty = _type(w)
         return static_f32(ctx) and (w is None or (ty is not None and len(ty.shape.values) == 2))
 
-    x, y = wildcard(), wildcard()
+    x = wildcard()
     w, b, c = is_const(), is_const(), is_const()
     dense = is_op("relax.matmul")(x, w)
     dense_bias = is_op("relax.add")(dense, b)
@@ -110,10 +110,7 @@ def patterns():
     """FusionPatterns for spu001 (``tvm.relax.transform.FuseOpsByPattern``)."""
     from tvm.relax.transform import FusionPattern
 
-    out = []
-    for name, pat, annotations, check in _patterns():
-        out.append(FusionPattern(name, pat, annotations, check))
-    return out
+    return [FusionPattern(name, pat, annotated, check) for name, pat, annotated, check in _patterns()]
 
 
 # ----------------------------------------------------------------------------- Relax -> femtocc IR
@@ -169,55 +166,29 @@ def region_to_graph(func, name: str):
             raise FemtoccError(f"spu001 region {name}: op {op} has no femtocc form")
         return g.make_node(ir, ins, [t], attrs, names=[out_var.name]).outputs[0]
 
-    def walk(body, bound):
+    def walk(body, bound) -> list:
+        """Emit the bindings of ``body`` (a region, or a composite inside it); its result values."""
+        local = {}  # composites bound to a name inside the region
         for block in body.blocks:
             for binding in block.bindings:
-                v = binding.value
-                if isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar):
-                    raise FemtoccError(f"spu001 region {name}: nested global call")
-                if isinstance(v, relax.Call) and isinstance(v.op, relax.Function):  # a composite
-                    inner = dict(zip(v.op.params, [value(a, bound) for a in v.args]))
-                    bound[binding.var] = walk(v.op.body, inner)
-                elif isinstance(v, relax.Call):
-                    bound[binding.var] = emit(v, bound, binding.var)
-                elif isinstance(v, relax.Var):
-                    bound[binding.var] = bound[v]
-                else:
-                    raise FemtoccError(f"spu001 region {name}: binding {binding.var} is not supported")
-        result = body.body
-        return bound[result] if not isinstance(result, tvm.ir.GenericConst) else value(result, bound)
-
-    local = {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            v = binding.value
-            if isinstance(binding.value, relax.Function):
-                local[binding.var] = binding.value
-    bound = dict(env)
-
-    def resolve(body):
-        new_blocks = []
-        for block in body.blocks:
-            for binding in block.bindings:
-                v = binding.value
+                var, v = binding.var, binding.value
                 if isinstance(v, relax.Function):
-                    continue
-                if isinstance(v, relax.Call) and v.op in local:
-                    v = relax.Call(local[v.op], v.args)
-                new_blocks.append((binding.var, v))
-        return new_blocks
+                    local[var] = v
+                elif isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar):
+                    raise FemtoccError(f"spu001 region {name}: nested global call")
+                elif isinstance(v, relax.Call) and (isinstance(v.op, relax.Function) or v.op in local):
+                    composite = v.op if isinstance(v.op, relax.Function) else local[v.op]
+                    (bound[var],) = walk(composite.body, dict(zip(composite.params, [value(a, bound) for a in v.args])))
+                elif isinstance(v, relax.Call):
+                    bound[var] = emit(v, bound, var)
+                elif isinstance(v, relax.Var):
+                    bound[var] = bound[v]
+                else:
+                    raise FemtoccError(f"spu001 region {name}: binding {var} is not supported")
+        result = body.body
+        return [value(r, bound) for r in (result.fields if isinstance(result, relax.Tuple) else [result])]
 
-    for var, v in resolve(func.body):
-        if isinstance(v, relax.Call) and isinstance(v.op, relax.Function):
-            inner = dict(zip(v.op.params, [value(a, bound) for a in v.args]))
-            bound[var] = walk(v.op.body, inner)
-        elif isinstance(v, relax.Call):
-            bound[var] = emit(v, bound, var)
-        elif isinstance(v, relax.Var):
-            bound[var] = bound[v]
-    results = func.body.body
-    outs = [bound[r] for r in (results.fields if isinstance(results, relax.Tuple) else [results])]
-    g.outputs = outs
+    g.outputs = walk(func.body, dict(env))
     return g
 
 
