@@ -43,7 +43,7 @@ THRESHOLDS = {
 def measure(data: str) -> dict:
     from femtocc.compile import CompileOptions, compile_model
     from femtocc.data import load_dataset, split_by_speaker
-    from femtocc.decode import GraphBackend, build_runners, make_backend, score, transcribe
+    from femtocc.decode import GraphBackend, build_runners, build_target, make_backend, score, transcribe
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.calibrate import _features
     from femtocc.runtime.report import utterance_stats
@@ -73,7 +73,8 @@ def measure(data: str) -> dict:
     build = Path(tempfile.mkdtemp()) / "build"
     report = compile_model(CompileOptions(model="whisper-tiny.en", output=build, calib=data, calib_limit=CALIB, progress=False))
     sink: list = []
-    runners, _ = build_runners(build, "sim", sink)
+    runners, manifest = build_runners(build, "sim", sink)
+    clock_hz = build_target(manifest).facts.clock_hz
     start = time.perf_counter()
     runners["encoder"]({"input_features": features})
     sim_encoder_s = time.perf_counter() - start
@@ -84,7 +85,7 @@ def measure(data: str) -> dict:
     for u in subset:
         mark = len(sink)
         transcripts += transcribe(bundle, backend, [u])
-        per_utt.append(utterance_stats(sink[mark:], transcripts[-1], 150e6))
+        per_utt.append(utterance_stats(sink[mark:], transcripts[-1], clock_hz))
     wer = score(transcripts, dense)
     return {
         "wer": wer["wer"], "agreement_wer": wer["agreement_wer"],

@@ -19,7 +19,7 @@ from common import write_result
 
 def main() -> int:
     from femtocc.data import load_dataset
-    from femtocc.decode import GraphBackend, build_runners, transcribe
+    from femtocc.decode import GraphBackend, build_runners, build_target, transcribe
     from femtocc.frontend.whisper import load_whisper
     from femtocc.runtime.report import summarize, utterance_stats
 
@@ -37,6 +37,7 @@ def main() -> int:
     sink: list = []
     sim_runners, manifest = build_runners(args.build, "sim", sink)
     bundle = load_whisper(manifest["model"])
+    clock_hz = build_target(manifest).facts.clock_hz
     sim = GraphBackend("sim", sim_runners, bundle.config)
     ref = GraphBackend("reference", build_runners(args.build, "reference")[0], bundle.config)
     same, per_utt, diffs = 0, [], []
@@ -44,7 +45,7 @@ def main() -> int:
     for i, u in enumerate(utts):
         mark = len(sink)
         (t,) = transcribe(bundle, sim, [u])
-        per_utt.append(utterance_stats(sink[mark:], t, 150e6))
+        per_utt.append(utterance_stats(sink[mark:], t, clock_hz))
         del sink[mark:]
         ref_tokens = known.get(u.id) or transcribe(bundle, ref, [u])[0].tokens
         if t.tokens == ref_tokens:

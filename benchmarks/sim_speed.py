@@ -82,7 +82,10 @@ def main() -> int:
     print(f"utterance {utt.id} ({duration:.1f} s, {len(tokens)} tokens): simulator {sim_s:.2f} s wall for encoder + "
           f"{sum(1 for s in sink if s.graph == 'decoder_step')} decoder steps; {macs / sim_s / 1e9:.2f} G simulated MACs per "
           f"second; onnxruntime dense float {ort_s:.2f} s -> simulator / onnxruntime {sim_s / ort_s:.1f}x")
-    print(f"simulated latency {cycles / 150e6:.2f} s at 150 MHz, same tokens as onnxruntime: {tokens == ort_tokens}")
+    from femtocc.targets.spu001 import load
+
+    clock_hz = load().facts.clock_hz
+    print(f"simulated latency {cycles / clock_hz:.2f} s at {clock_hz / 1e6:.0f} MHz, same tokens as onnxruntime: {tokens == ort_tokens}")
 
     ratios = {}
     for label, changes in (("weights only", {"skip_zero_activations": 0}), ("with zero-activation skipping", None)):

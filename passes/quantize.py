@@ -163,9 +163,9 @@ class _Quantizer:
             self.stats["quantized"] += 1
         for i, v in enumerate(list(g.outputs)):
             if _is_float(v):
-                q, s = self.operand(v, None) if id(v) in self.ints else (None, None)
-                if q is None:
+                if id(v) not in self.ints:
                     raise FemtoccError(f"quantize: output %{v.name} of @{g.name} is not computed on the integer path")
+                q, s = self.ints[id(v)]
                 name, v.name = v.name, v.name + ".float"  # the output keeps its name
                 deq = g.make_node("dequantize", [q], [v.type], {"scale": s}, names=[name]).outputs[0]
                 g.outputs[i] = deq
