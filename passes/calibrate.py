@@ -208,8 +208,17 @@ def range_key(graph, value) -> str:
     return f"{graph.name}:{value.name}"
 
 
+def finite_peak(array: np.ndarray) -> float:
+    """Largest finite |x| (0 if none): a masked ``-inf`` saturates to the quantized minimum, it
+    does not stretch the scale."""
+    peak = float(np.abs(array).max(initial=0))
+    if np.isfinite(peak):
+        return peak
+    return float(np.abs(array[np.isfinite(array)]).max(initial=0))
+
+
 class RangeRecorder:
-    """Largest |x| of every float value over the runs of :meth:`runner` (keys: :func:`range_key`)."""
+    """Largest finite |x| of every float value over the runs of :meth:`runner` (keys: :func:`range_key`)."""
 
     def __init__(self):
         self.ranges: dict[str, float] = {}
@@ -223,7 +232,7 @@ class RangeRecorder:
         def observe(value, array):
             if array.dtype.kind == "f" and array.size:
                 key = range_key(graph, value)
-                self.ranges[key] = max(self.ranges.get(key, 0.0), float(np.abs(array).max()))
+                self.ranges[key] = max(self.ranges.get(key, 0.0), finite_peak(array))
 
         def run(feeds):
             for v in graph.inputs:

@@ -37,6 +37,8 @@ class ReferenceRuntime:
             self.steps.append((k, ins, OPS[ins.op].run, attrs))
 
     def bind(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """``T`` and ``P`` from the inputs' shapes: a dim with one unknown symbol fixes it; two rounds,
+        so that a dim ``T + P`` binds ``P`` once ``T`` is known (:meth:`run` checks every dim)."""
         p, symbols = self.program, {"T": None, "P": None}
         for s in p.inputs:
             if s.name not in feeds:
@@ -44,13 +46,15 @@ class ReferenceRuntime:
             b, x = p.buffers[s.buffer], feeds[s.name]
             if x.dtype != NUMPY[b.dtype] or x.ndim != len(b.shape):
                 raise ProgramError(f"{p.graph}: input {s.name} is {x.dtype}{list(x.shape)}, expected {b.dtype} of rank {len(b.shape)}")
-            for (c, t, q), n in zip(b.shape, x.shape):
-                for sym, coef, other in (("T", t, q), ("P", q, t)):
-                    if coef and not other:
-                        value, rem = divmod(n - c, coef)
-                        if rem or value < 0 or symbols[sym] not in (None, value):
-                            raise ProgramError(f"{p.graph}: input {s.name} dim {n} does not fit {sym} "
-                                               f"(already {symbols[sym]})")
+        for _ in range(2):
+            for s in p.inputs:
+                for (c, t, q), n in zip(p.buffers[s.buffer].shape, feeds[s.name].shape):
+                    for sym, coef, other, other_coef in (("T", t, "P", q), ("P", q, "T", t)):
+                        if not coef or symbols[sym] is not None or (other_coef and symbols[other] is None):
+                            continue
+                        value, rem = divmod(n - c - other_coef * (symbols[other] or 0), coef)
+                        if rem or value < 0:
+                            raise ProgramError(f"{p.graph}: input {s.name} dim {n} does not fit {sym}")
                         symbols[sym] = value
         return {k: v or 0 for k, v in symbols.items()}
 

@@ -869,22 +869,27 @@ static int check_declared(Ctx *c, const BufferDesc *b, const Tensor *t, int k, u
 int spu_run(const Program *p, const Config *cfg, Tensor *inputs, Tensor *outputs, InstrStats *stats, char *err) {
     Ctx c = {p, cfg, NULL, stats, 0, 0, err};
     int64_t T = -1, P = -1;
-    /* bind T and P from the inputs */
     for (uint32_t i = 0; i < p->n_inputs; i++) {
         const BufferDesc *b = &p->buffers[p->symbols[i].buffer];
-        Tensor *x = &inputs[i];
-        if (x->dtype != b->dtype || x->rank != b->rank)
-            return spu_fail(err, "%s: input %s has dtype %d rank %d, expected dtype %d rank %d", p->graph, p->symbols[i].name, x->dtype, x->rank, b->dtype, b->rank);
-        for (int k = 0; k < b->rank; k++) {
-            Dim d = b->dims[k];
-            int64_t *sym = NULL, coef = 0;
-            if (d.t && !d.p) { sym = &T; coef = d.t; }
-            if (d.p && !d.t) { sym = &P; coef = d.p; }
-            if (!sym) continue;
-            int64_t v = x->shape[k] - d.c;
-            if (v < 0 || v % coef || (*sym >= 0 && *sym != v / coef))
-                return spu_fail(err, "%s: input %s dim %lld does not fit its declared dim", p->graph, p->symbols[i].name, (long long)x->shape[k]);
-            *sym = v / coef;
+        if (inputs[i].dtype != b->dtype || inputs[i].rank != b->rank)
+            return spu_fail(err, "%s: input %s has dtype %d rank %d, expected dtype %d rank %d", p->graph, p->symbols[i].name,
+                            inputs[i].dtype, inputs[i].rank, b->dtype, b->rank);
+    }
+    /* bind T and P from the inputs: a dim with one unknown symbol fixes it; two rounds, so that
+       a dim T + P binds P once T is known (the check below catches any disagreement) */
+    for (int round = 0; round < 2; round++) {
+        for (uint32_t i = 0; i < p->n_inputs; i++) {
+            const BufferDesc *b = &p->buffers[p->symbols[i].buffer];
+            for (int k = 0; k < b->rank; k++) {
+                Dim d = b->dims[k];
+                int64_t *sym = NULL, coef = 0, rest = inputs[i].shape[k] - d.c;
+                if (d.t && T < 0 && (!d.p || P >= 0)) { sym = &T; coef = d.t; rest -= (int64_t)d.p * (P < 0 ? 0 : P); }
+                else if (d.p && P < 0 && (!d.t || T >= 0)) { sym = &P; coef = d.p; rest -= (int64_t)d.t * (T < 0 ? 0 : T); }
+                if (!sym) continue;
+                if (rest < 0 || rest % coef)
+                    return spu_fail(err, "%s: input %s dim %lld does not fit its declared dim", p->graph, p->symbols[i].name, (long long)inputs[i].shape[k]);
+                *sym = rest / coef;
+            }
         }
     }
     c.T = T < 0 ? 0 : T;

@@ -135,3 +135,39 @@ def test_sram_traffic_per_bank(toy):
     reads, writes = sink[0].per_bank("bank_reads"), sink[0].per_bank("bank_writes")
     assert len(reads) == len(writes) == TARGET.facts.sram_banks_per_core
     assert sum(reads) > 0 and sum(writes) > 0
+
+
+def test_a_dim_t_plus_p_binds_p_once_t_is_known(tmp_path):
+    """Inputs [T, 16] and [P + T, 16] only (no dim of P alone): both runtimes bind P from the second."""
+    import json
+
+    from femtocc.ir import Graph, TensorType
+    from femtocc.passes import PassManager
+    from femtocc.passes.calibrate import RangeRecorder
+    from femtocc.targets.spu001.codegen import generate
+
+    g = Graph("cached_attention")
+    q = g.add_input("q", TensorType("f32", (1, "T", 16)))
+    k = g.add_input("k", TensorType("f32", (1, "P + T", 16)))
+    kt = g.make_node("transpose", [k], [TensorType("f32", (1, 16, "P + T"))], {"perm": [0, 2, 1]}).outputs[0]
+    s = g.make_node("matmul", [q, kt], [TensorType("f32", (1, "T", "P + T"))]).outputs[0]
+    p = g.make_node("softmax", [s], [TensorType("f32", (1, "T", "P + T"))], {"axis": -1}).outputs[0]
+    g.outputs = [g.make_node("matmul", [p, k], [TensorType("f32", (1, "T", 16))], names=["out"]).outputs[0]]
+    rng = np.random.default_rng(0)
+    feeds = {"q": rng.standard_normal((1, 2, 16)).astype(np.float32), "k": rng.standard_normal((1, 5, 16)).astype(np.float32)}
+    recorder = RangeRecorder()
+    recorder.runner(g)(feeds)
+    (tmp_path / "r.json").write_text(json.dumps(recorder.ranges))
+    PassManager.parse(f"quantize{{ranges={tmp_path / 'r.json'}}},select-layout,tile-sram{{tokens=2,cached=3}}").run(g)
+    data = generate(g, TARGET).to_bytes()
+    reference = ReferenceRuntime(Program.from_bytes(data))
+    assert reference.bind({"q": np.zeros((1, 2, 16), np.int16), "k": np.zeros((1, 5, 16), np.int16)}) == {"T": 2, "P": 3}
+    for t, keys in ((2, 5), (1, 7), (3, 3)):
+        ints = {"q": rng.integers(-9000, 9000, (1, t, 16)).astype(np.int16), "k": rng.integers(-9000, 9000, (1, keys, 16)).astype(np.int16)}
+        ref = reference.run(ints)["out"]
+        assert ref.shape == (1, t, 16)
+        assert np.array_equal(SimRuntime(data, TARGET).run(ints)[0]["out"], ref)
+    with pytest.raises(ProgramError, match="does not fit"):
+        reference.run({"q": np.zeros((1, 4, 16), np.int16), "k": np.zeros((1, 3, 16), np.int16)})
+    with pytest.raises(ProgramError, match="does not fit"):
+        SimRuntime(data, TARGET).run({"q": np.zeros((1, 4, 16), np.int16), "k": np.zeros((1, 3, 16), np.int16)})

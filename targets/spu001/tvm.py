@@ -1,26 +1,29 @@
 """spu001 as an Apache TVM (0.27, Relax) external codegen: offload what the SPU runs, keep the rest on CPU.
 
     from femtocc.targets.spu001.tvm import partition_for_spu001
-    mod = relax.frontend.onnx.from_onnx(onnx_model)
+    from femtocc.targets.spu001.tvm_workarounds import from_onnx   # TVM's, with a Range fix
+    mod = from_onnx(onnx_model)
     mod = partition_for_spu001(mod, runtime="sim")          # or "reference"
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
 
-Patterns (``PATTERNS``) name what spu001 runs: dense (matmul by a constant matrix, with or
+Patterns (``patterns()``) name what spu001 runs: dense (matmul by a constant matrix, with or
 without a constant bias), activation matmul (attention), GELU (the exact erf form ONNX exports),
 layer norm, softmax over the last axis, additions, scaling by a constant, and the data movement
-between them (reshape, permute). Their checks reject what the target cannot run (dynamic shapes,
-non-float32, softmax over another axis, matmul of more than two constant dims). ``FuseOpsByPattern``
+between them (reshape, permute). Their checks reject what the target cannot run (non-float32, dims
+that are not integer sums of at most two symbolic sizes, softmax over another axis, matmul of more
+than two constant dims). Symbolic sizes (the decoder step's tokens ``T`` and cached positions
+``P``) become the program's ``T`` and ``P``, bound from the inputs on every call. ``FuseOpsByPattern``
 -> ``MergeCompositeFunctions`` groups neighbours into regions; ``RunCodegen`` calls the codegen
 registered under ``relax.ext.spu001``, which for each region registers a packed function under the
 region's (per-model unique) symbol. The VM calls it through ``call_dps_packed``: on its first call
 the region is translated to femtocc IR, calibrated on that call's inputs (activation ranges, and the
 Hessians for OBS when ``sparsity`` is set), pruned, quantized, laid out, tiled and compiled to one
 ``.spu`` program, which then runs on the reference runtime or the simulator for every call.
-Everything else (here: the convolutions' padding, anything unmatched) runs on TVM's CPU backend.
+Everything else (convolutions, the decoder's embedding lookups, masks, KV-cache concatenation,
+anything unmatched) runs on TVM's CPU backend.
 
-TVM 0.27 behaviours worked around here, each with a test: external symbols are process-global, so
-regions get a per-model suffix (:func:`_unique_symbols`). ``FuseOpsByPattern`` runs without
-``annotate_codegen`` so that ``MergeCompositeFunctions`` can merge neighbours into one region.
+``FuseOpsByPattern`` runs without ``annotate_codegen`` so that ``MergeCompositeFunctions`` can merge
+neighbours into one region. TVM 0.27 bugs are worked around in :mod:`.tvm_workarounds`.
 """
 
 from __future__ import annotations
@@ -30,9 +33,42 @@ import itertools
 import numpy as np
 
 from femtocc.errors import FemtoccError
+from femtocc.targets.spu001 import tvm_workarounds as workarounds
 
 _MODELS = itertools.count()
 REGIONS: dict[str, "Region"] = {}  # symbol -> region, for reports and tests
+
+
+def affine_terms(expr) -> dict[str, int] | None:
+    """A TVM dimension as ``{symbol: coefficient, "": constant}``, or None if it is not an integer
+    sum of symbols (``T_1 + P`` -> ``{"T_1": 1, "P": 1}``)."""
+    from tvm import tirx
+
+    if isinstance(expr, int):
+        return {"": expr}
+    if isinstance(expr, tirx.IntImm):
+        return {"": int(expr.value)}
+    if isinstance(expr, tirx.Var):
+        return {expr.name: 1}
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        a, b = affine_terms(expr.a), affine_terms(expr.b)
+        if a is None or b is None:
+            return None
+        sign = 1 if isinstance(expr, tirx.Add) else -1
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + sign * v
+        return {k: v for k, v in out.items() if v}
+    if isinstance(expr, tirx.Mul):
+        a, b = affine_terms(expr.a), affine_terms(expr.b)
+        if a is None or b is None:
+            return None
+        if set(b) <= {""}:
+            a, b = b, a
+        if not set(a) <= {""}:
+            return None  # a product of two symbols
+        return {k: v * a.get("", 0) for k, v in b.items() if v * a.get("", 0)}
+    return None
 
 
 def _type(e):
@@ -46,7 +82,8 @@ def _type(e):
 def _patterns():
     from tvm.relax.dpl import is_const, is_op, wildcard
 
-    def static_f32(ctx) -> bool:
+    def supported_f32(ctx) -> bool:
+        """float32 with every dim a constant or an integer sum of at most two symbolic sizes (T, P)."""
         import tvm
         from tvm import relax
 
@@ -54,26 +91,34 @@ def _patterns():
         if root is not None and isinstance(root, relax.Call) and all(isinstance(a, (tvm.ir.GenericConst, relax.ShapeExpr)) for a in root.args):
             return False  # constant folding, not work for the SPU
 
+        symbols: set[str] = set()
         for e in ctx.annotated_expr.values():
             ty = _type(e)
             if ty is None:
                 continue
             if not isinstance(ty, relax.TensorType) or ty.dtype != "float32" or ty.shape is None:
                 return False
-            if not all(hasattr(d, "value") or isinstance(d, int) for d in ty.shape.values):
-                return False
-        return True
+            for d in ty.shape.values:
+                terms = affine_terms(d)
+                if terms is None:
+                    return False
+                symbols.update(k for k in terms if k)
+        return len(symbols) <= 2
 
     def last_axis_softmax(ctx) -> bool:
         call = ctx.annotated_expr["root"]
         ty = _type(call.args[0])
         rank = len(ty.shape.values) if ty is not None and ty.shape is not None else -1
-        return static_f32(ctx) and int(call.attrs.axis) in (-1, rank - 1)
+        return supported_f32(ctx) and int(call.attrs.axis) in (-1, rank - 1)
 
     def two_d_weight(ctx) -> bool:
         w = ctx.annotated_expr.get("w")
         ty = _type(w)
-        return static_f32(ctx) and (w is None or (ty is not None and len(ty.shape.values) == 2))
+        return supported_f32(ctx) and (w is None or (ty is not None and len(ty.shape.values) == 2))
+
+    def plain_conv1d(ctx) -> bool:
+        a = ctx.annotated_expr["root"].attrs
+        return supported_f32(ctx) and int(a.groups) == 1 and (a.data_layout, a.kernel_layout, a.out_layout) == ("NCW", "OIW", "NCW")
 
     x = wildcard()
     w, b, c = is_const(), is_const(), is_const()
@@ -93,15 +138,16 @@ def _patterns():
     table = [
         ("spu001.dense_bias", dense_bias, {"x": x, "w": w, "b": b}, two_d_weight),
         ("spu001.dense", dense, {"x": x, "w": w}, two_d_weight),
-        ("spu001.gelu", gelu, {}, static_f32),
-        ("spu001.gelu", gelu_half_first, {}, static_f32),
-        ("spu001.matmul", op("relax.matmul", wildcard(), wildcard()), {}, static_f32),
-        ("spu001.layer_norm", op("relax.nn.layer_norm", wildcard(), is_const(), is_const()), {}, static_f32),
+        ("spu001.conv1d", op("relax.nn.conv1d", wildcard(), is_const()), {}, plain_conv1d),
+        ("spu001.gelu", gelu, {}, supported_f32),
+        ("spu001.gelu", gelu_half_first, {}, supported_f32),
+        ("spu001.matmul", op("relax.matmul", wildcard(), wildcard()), {}, supported_f32),
+        ("spu001.layer_norm", op("relax.nn.layer_norm", wildcard(), is_const(), is_const()), {}, supported_f32),
         ("spu001.softmax", op("relax.nn.softmax", wildcard()), {}, last_axis_softmax),
-        ("spu001.add", op("relax.add", wildcard(), wildcard()), {}, static_f32),
-        ("spu001.scale", op("relax.multiply", wildcard(), c), {}, static_f32),
-        ("spu001.reshape", op("relax.reshape", wildcard(), wildcard()), {}, static_f32),
-        ("spu001.permute", op("relax.permute_dims", wildcard()), {}, static_f32),
+        ("spu001.add", op("relax.add", wildcard(), wildcard()), {}, supported_f32),
+        ("spu001.scale", op("relax.multiply", wildcard(), c), {}, supported_f32),
+        ("spu001.reshape", op("relax.reshape", wildcard(), wildcard()), {}, supported_f32),
+        ("spu001.permute", op("relax.permute_dims", wildcard()), {}, supported_f32),
     ]
     return [(name, pat, {**ann, "root": pat}, check) for name, pat, ann, check in table]
 
@@ -116,35 +162,60 @@ def patterns():
 # ----------------------------------------------------------------------------- Relax -> femtocc IR
 
 
-def _shape(ty) -> tuple[int, ...]:
-    return tuple(int(d) for d in ty.shape.values)
-
-
 def region_to_graph(func, name: str):
-    """A merged Relax region (calls of composite functions) as one femtocc IR graph."""
+    """A merged Relax region (calls of composite functions) as one femtocc IR graph.
+
+    The region's symbolic sizes (at most two, e.g. the decoder's ``T_1`` and ``P``) become the
+    IR's ``T`` and ``P`` in order of first appearance in its parameters; programs bind them from
+    their inputs' shapes on every call."""
     import tvm
     from tvm import relax
 
-    from femtocc.ir import Graph, TensorType
+    from femtocc.ir import Graph, TensorType, dims
+
+    symbols: dict[str, str] = {}
+
+    def dim(d):
+        terms = affine_terms(d)
+        if terms is None:
+            raise FemtoccError(f"spu001 region {name}: dimension {d} is not a sum of symbolic sizes")
+        for k in sorted(k for k in terms if k):
+            if k not in symbols:
+                if len(symbols) == 2:
+                    raise FemtoccError(f"spu001 region {name}: more than two symbolic sizes ({', '.join(symbols)}, {k})")
+                symbols[k] = ("T", "P")[len(symbols)]
+        return dims.render({symbols.get(k, k): v for k, v in terms.items()})
+
+    def shape(ty) -> tuple:
+        return tuple(dim(d) for d in ty.shape.values)
+
+    def shape_constant(values) -> np.ndarray:
+        """A shape operand: static dims as they are, the one symbolic dim as -1 (inferred)."""
+        out = [d if isinstance(d, int) else -1 for d in (dim(v) for v in values)]
+        if out.count(-1) > 1:
+            raise FemtoccError(f"spu001 region {name}: shape {list(values)} has more than one symbolic dim")
+        return np.array(out, np.int64)
 
     g = Graph(name)
     env: dict = {}
     for p in func.params:
-        env[p] = g.add_input(p.name, TensorType("f32", _shape(p.ty)))
+        # a shape parameter carries symbolic sizes (reshape targets): the program binds them from its inputs
+        is_shape = isinstance(p.ty, relax.ShapeType)
+        env[p] = None if is_shape else g.add_input(p.name, TensorType("f32", shape(p.ty)))
 
     def value(e, bound):
         if isinstance(e, tvm.ir.GenericConst):
             return g.add_constant("c", e.value.numpy())
         if isinstance(e, relax.ShapeExpr):
-            return g.add_constant("shape", np.array([int(v) for v in e.values], np.int64))
+            return g.add_constant("shape", shape_constant(e.values))
         if e in bound:
             return bound[e]
         raise FemtoccError(f"spu001 region {name}: operand {e} is not supported")
 
     def emit(call, bound, out_var):
         op = call.op.name
-        ins = [value(a, bound) for a in call.args]
-        t = TensorType("f32", _shape(call.ty))
+        ins = [value(a, bound) for a in (call.args[:1] if op == "relax.reshape" else call.args)]
+        t = TensorType("f32", shape(call.ty))
         attrs = {}
         if op == "relax.matmul":
             ir = "matmul"
@@ -152,13 +223,17 @@ def region_to_graph(func, name: str):
             ir = {"relax.add": "add", "relax.multiply": "mul", "relax.divide": "div"}[op]
         elif op == "relax.erf":
             ir = "erf"
+        elif op == "relax.nn.conv1d":
+            a = call.attrs
+            ir = "conv"
+            attrs = {"strides": [int(a.strides[0])], "dilations": [int(a.dilation[0])], "pads": [int(p) for p in a.padding]}
         elif op == "relax.nn.softmax":
             ir, attrs = "softmax", {"axis": int(call.attrs.axis)}
         elif op == "relax.nn.layer_norm":
             ir, attrs = "layer_norm", {"axis": -1, "epsilon": float(call.attrs.epsilon)}
         elif op == "relax.reshape":
             ir, attrs = "reshape", {"allowzero": 1}
-            ins = [ins[0], g.add_constant("shape", np.array(_shape(call.ty), np.int64))]
+            ins.append(g.add_constant("shape", shape_constant(call.ty.shape.values)))
         elif op == "relax.permute_dims":
             ir = "transpose"
             attrs = {"perm": [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else list(reversed(range(len(t.shape))))}
@@ -214,18 +289,19 @@ class Region:
         self.run_program = None
         self.compiles = 0
         self.stats: list = []
+        self.last_call: tuple[dict, dict] | None = None  # (inputs, outputs) of the latest call
 
     def _float_graph(self):
         from femtocc.passes import PassManager
 
         g = region_to_graph(self.func, self.symbol)
-        PassManager.parse("canonicalize,fold-gelu,fold-dense,dce").run(g)
+        PassManager.parse("canonicalize,fold-gelu,fold-dense,lower-conv,dce").run(g)
         return g
 
     def _exceeds(self, feeds) -> bool:
-        from femtocc.passes.calibrate import range_key
+        from femtocc.passes.calibrate import finite_peak, range_key
 
-        return any(float(np.abs(feeds[v.name]).max(initial=0)) > self.recorder.ranges.get(range_key(self.graph, v), -1)
+        return any(finite_peak(feeds[v.name]) > self.recorder.ranges.get(range_key(self.graph, v), -1)
                    for v in self.graph.inputs)
 
     def compile(self, feeds: dict[str, np.ndarray]) -> None:
@@ -248,8 +324,13 @@ class Region:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ranges.json"
             path.write_text(json.dumps(self.recorder.ranges))
-            rows = max((int(np.prod(v.type.shape[:-1])) for v in g.inputs), default=1)
-            PassManager.parse(f"quantize{{ranges={path}}},select-layout,tile-sram{{tokens={rows}}}").run(g)
+            sizes = {"T": 1, "P": 0}  # tile for this call's sizes (the decoder's T and P)
+            for v in g.inputs:
+                for d, n in zip(v.type.shape, feeds[v.name].shape):
+                    if d in sizes:
+                        sizes[d] = int(n)
+            PassManager.parse(f"quantize{{ranges={path}}},select-layout,"
+                              f"tile-sram{{tokens={sizes['T']},cached={sizes['P']}}}").run(g)
         target = load()
         self.quantized = g
         self.program = generate(g, target).to_bytes()
@@ -265,15 +346,19 @@ class Region:
             self.run_program = ReferenceRuntime(Program.from_bytes(self.program, self.symbol)).runner()
 
     def __call__(self, *args):
+        from tvm import relax
+
         n_out = len(self.graph.outputs)  # destination-passing style: the outputs come last
         ins, outs = args[:-n_out], args[-n_out:]
-        feeds = {v.name: np.asarray(a.numpy()) for v, a in zip(self.graph.inputs, ins)}
+        tensors = [a for p, a in zip(self.func.params, ins) if not isinstance(p.ty, relax.ShapeType)]
+        feeds = {v.name: np.asarray(a.numpy()) for v, a in zip(self.graph.inputs, tensors)}
         if self.run_program is None or self._exceeds(feeds):
             self.compile(feeds)
         result = self.run_program(feeds)
         if self._saturated(result):  # widen the ranges with this call's data and recompile
             self.compile(feeds)
             result = self.run_program(feeds)
+        self.last_call = (feeds, result)
         for v, out in zip(self.graph.outputs, outs):
             out.copyfrom(np.ascontiguousarray(result[v.name], dtype=np.float32))
 
@@ -309,17 +394,6 @@ def _obs_prune_graph(g, feeds, sparsity: float) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- the user's call
 
 
-def _unique_symbols(mod, suffix: str):
-    """Workaround (TVM 0.27): external symbols are process-global, so two models with the same graph
-    would call each other's regions. Give every spu001 region of ``mod`` a per-model suffix."""
-    from tvm import relax
-
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function) and func.attrs is not None and func.attrs.get("Codegen") == "spu001":
-            mod[gv] = func.with_attr("global_symbol", f"{func.attrs['global_symbol']}_{suffix}")
-    return mod
-
-
 def _register_codegen():
     import tvm
 
@@ -350,27 +424,33 @@ def partition_for_spu001(mod, params: dict | None = None, runtime: str = "refere
     _register_codegen()
     if params:
         mod = relax.transform.BindParams("main", params)(mod)
+    mod = relax.transform.FoldConstant()(mod)  # e.g. a conv bias reshaped to [1, C, 1]: a constant, not work
     mod = relax.transform.FuseOpsByPattern(patterns(), bind_constants=True, annotate_codegen=False)(mod)
-    mod = relax.transform.MergeCompositeFunctions()(mod)
-    mod = _unique_symbols(mod, f"m{next(_MODELS)}")
+    mod = relax.transform.MergeCompositeFunctions()(workarounds.wrap_symbolic_arguments(mod))
+    mod = workarounds.unique_symbols(mod, f"m{next(_MODELS)}")
     return relax.transform.RunCodegen()(mod)
 
 
 def offload_report(mod) -> dict:
-    """Which ops stayed on the CPU, and how many spu001 regions the module calls."""
+    """How many spu001 regions the module calls, the femtocc ops they run (per call), and the ops
+    that stayed on the CPU."""
     import tvm
     from tvm import relax
 
     cpu: dict[str, int] = {}
-    spu = 0
+    spu: dict[str, int] = {}
+    regions = 0
 
     def visit(e):
-        nonlocal spu
+        nonlocal regions
         if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
             if e.op.name == "relax.call_dps_packed":
-                spu += 1
+                regions += 1
+                region = REGIONS.get(str(e.args[0].global_symbol))
+                for op, n in (region.graph.op_counts() if region else {}).items():
+                    spu[op] = spu.get(op, 0) + n
             else:
                 cpu[e.op.name] = cpu.get(e.op.name, 0) + 1
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
-    return {"spu001_regions": spu, "cpu_ops": dict(sorted(cpu.items()))}
+    return {"spu001_regions": regions, "spu001_ops": dict(sorted(spu.items())), "cpu_ops": dict(sorted(cpu.items()))}
