@@ -129,7 +129,6 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
 def collect_hessians(
     bundle, utts: list[Utterance], layers: dict | None = None, progress: bool = False,
     dense_tokens: dict[str, list[int]] | None = None, padding_stride: int = PADDING_STRIDE,
-    padding_weight: float = 1.0,
 ) -> Hessians:
     """Run ``utts`` through the model and accumulate H for ``layers``.
 
@@ -157,7 +156,7 @@ def collect_hessians(
             # Whisper pads every utterance to 30 s. Keep every speech frame, and an unbiased
             # stride sample of the padding frames (weighted by sqrt(stride) so X^T X keeps its sum).
             n = min(flat.shape[0], int(np.ceil(speech["seconds"] * per_second)) + 2)
-            pad = flat[n::padding_stride] * float(np.sqrt(padding_stride * padding_weight))
+            pad = flat[n::padding_stride] * float(np.sqrt(padding_stride))
             return torch.cat([flat[:n], pad]), flat.shape[0]
         return flat, flat.shape[0]
 
