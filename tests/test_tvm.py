@@ -7,7 +7,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
-from femtocc.targets.spu001.tvm import REGIONS, offload_report, partition_for_spu001, patterns  # noqa: E402
+from femtocc.targets.spu001.tvm import REGIONS, offload_report, partition_for_spu001, patterns, tvm_runner  # noqa: E402
 from femtocc.targets.spu001.tvm_workarounds import from_onnx  # noqa: E402
 
 
@@ -71,16 +71,14 @@ def test_two_models_with_the_same_graph_do_not_share_regions():
 
 
 def test_tiny_en_encoder_through_tvm(tiny, tiny_onnx, features):
-    import onnx
-
     from femtocc.decode import ort_runner
 
-    mod = partition_for_spu001(from_onnx(onnx.load(str(tiny_onnx["encoder"]))))
-    report = offload_report(mod)
+    run_encoder = tvm_runner(tiny_onnx["encoder"])
+    report = run_encoder.report
     # the whole encoder, convolutions included, runs on spu001 in one region
     assert report["spu001_regions"] == 1 and report["cpu_ops"] == {}
     assert report["spu001_ops"]["dense"] == 26  # 4 layers x 6 linear layers + the two lowered convolutions
-    out = run(mod, features)
+    out = run_encoder({"input_features": features})["encoder_hidden_states"]
     ref = ort_runner(tiny_onnx["encoder"])({"input_features": features})["encoder_hidden_states"]
     # quantization tolerance (measured: 0.027 max, 0.037 mean, relative)
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.15
@@ -157,21 +155,17 @@ def test_workaround_symbolic_arguments_of_cpu_ops():
 
 def test_tiny_en_decoder_step_through_tvm(tiny, tiny_onnx, features):
     """Two decoder steps (the prompt, then one token on a KV cache of P = 2) with the symbolic T and P."""
-    import onnx
-
     from femtocc.decode import ort_runner
 
     before = set(REGIONS)
-    mod = partition_for_spu001(from_onnx(onnx.load(str(tiny_onnx["decoder_step"]))))
-    report = offload_report(mod)
+    run = tvm_runner(tiny_onnx["decoder_step"])
+    report = run.report
     # every matmul, layer norm, softmax and GELU is offloaded; embeddings, masks and the KV concat stay
     assert report["spu001_regions"] >= 4
     # per block: self-attention q, k, v, out; cross-attention q, out; fc1, fc2; then the tied output projection
     assert report["spu001_ops"]["dense"] == 4 * 8 + 1
     assert not {"relax.matmul", "relax.nn.softmax", "relax.nn.layer_norm", "relax.erf"} & set(report["cpu_ops"])
     assert {"relax.concat", "relax.where", "relax.take"} <= set(report["cpu_ops"])
-    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
-    names = [i.name for i in onnx.load(str(tiny_onnx["decoder_step"])).graph.input]
     cross = ort_runner(tiny_onnx["cross_kv"])(ort_runner(tiny_onnx["encoder"])({"input_features": features}))
     step = ort_runner(tiny_onnx["decoder_step"])
     layers = tiny.config.decoder_layers
@@ -179,9 +173,7 @@ def test_tiny_en_decoder_step_through_tvm(tiny, tiny_onnx, features):
     tokens = list(tiny.decode.prompt)
     for _ in range(2):
         feeds = {"input_ids": np.array([tokens], np.int64), **past, **cross}
-        ref = step(feeds)
-        out = vm["main"](*[tvm.runtime.tensor(feeds[n]) for n in names])
-        logits = out[0].numpy()
+        ref, logits = step(feeds), run(feeds)["logits"]
         assert logits.shape == ref["logits"].shape
         # quantization tolerance (int8 weights, int16 activations; measured 0.044 and 0.073)
         assert np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max() < 0.15

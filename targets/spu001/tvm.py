@@ -454,3 +454,27 @@ def offload_report(mod) -> dict:
 
     relax.analysis.post_order_visit(mod["main"].body, visit)
     return {"spu001_regions": regions, "spu001_ops": dict(sorted(spu.items())), "cpu_ops": dict(sorted(cpu.items()))}
+
+
+def tvm_runner(onnx_path, runtime: str = "reference", sparsity: float | None = None):
+    """A graph runner (feeds by ONNX input name -> outputs by ONNX output name) for one exported
+    graph, imported into TVM, partitioned for spu001 and compiled for the CPU; the harness's
+    :class:`femtocc.decode.GraphBackend` drives it like onnxruntime. ``run.report`` is the
+    module's :func:`offload_report`."""
+    import onnx
+    import tvm
+    from tvm import relax
+
+    model = onnx.load(str(onnx_path))
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    mod = partition_for_spu001(workarounds.from_onnx(model), runtime=runtime, sparsity=sparsity)
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+
+    def run(feeds):
+        result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in inputs])
+        results = result if len(outputs) > 1 else [result]
+        return {name: r.numpy() for name, r in zip(outputs, results)}
+
+    run.report = offload_report(mod)
+    return run
