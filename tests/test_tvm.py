@@ -184,3 +184,18 @@ def test_tiny_en_decoder_step_through_tvm(tiny, tiny_onnx, features):
     (last,) = [r for s, r in REGIONS.items() if s not in before and r.graph.outputs[0].type.shape[-1] == logits.shape[-1]]
     feeds, result = last.last_call
     assert np.array_equal(last.run_program(feeds)[last.graph.outputs[0].name], logits)
+
+
+def test_offloaded_dense_layers_are_obs_pruned_when_asked():
+    """sparsity=: the region's dense weights are OBS pencil8-pruned on the first call's inputs."""
+    module, reference = toy(4)
+    before = set(REGIONS)
+    mod = partition_for_spu001(module, sparsity=0.5)
+    x = np.random.default_rng(6).standard_normal((6, 32)).astype("float32")
+    out = run(mod, x)
+    (region,) = [r for s, r in REGIONS.items() if s not in before]
+    (w,) = region.pruned.values()  # [in, out]: a pencil is 8 consecutive outputs of one input
+    pencils = w.T.reshape(-1, 8, w.shape[0])
+    zero = (pencils == 0).all(axis=1)
+    assert zero.mean() == 0.5 and ((pencils == 0).any(axis=1) == zero).all()
+    assert np.abs(out - reference(x)).max() < 0.5  # half the weights gone: close, not exact

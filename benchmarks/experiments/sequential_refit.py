@@ -2,7 +2,7 @@
 
     python benchmarks/experiments/sequential_refit.py whisper-tiny.en 0.45      # REFIT=0: plain sequential
 
-Results: benchmarks/results/side-experiments-whisper-base.json (tiny_en). Neither beat one-shot OBS.
+Results: benchmarks/results/side-experiments.json (tiny_en). Neither beat one-shot OBS.
 """
 
 import json
