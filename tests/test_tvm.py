@@ -7,6 +7,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 
+from femtocc.errors import FemtoccError  # noqa: E402
 from femtocc.targets.spu001.tvm import REGIONS, offload_report, partition_for_spu001, patterns, tvm_runner  # noqa: E402
 from femtocc.targets.spu001.tvm_workarounds import from_onnx  # noqa: E402
 
@@ -79,6 +80,8 @@ def test_tiny_en_encoder_through_tvm(tiny, tiny_onnx, features):
     assert report["spu001_regions"] == 1 and report["cpu_ops"] == {}
     assert report["spu001_ops"]["dense"] == 26  # 4 layers x 6 linear layers + the two lowered convolutions
     out = run_encoder({"input_features": features})["encoder_hidden_states"]
+    with pytest.raises(FemtoccError, match="inputs input_features were not given"):
+        run_encoder({"features": features})
     ref = ort_runner(tiny_onnx["encoder"])({"input_features": features})["encoder_hidden_states"]
     # quantization tolerance (measured: 0.027 max, 0.037 mean, relative)
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.15

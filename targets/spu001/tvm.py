@@ -472,6 +472,9 @@ def tvm_runner(onnx_path, runtime: str = "reference", sparsity: float | None = N
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
 
     def run(feeds):
+        missing = [n for n in inputs if n not in feeds]
+        if missing:
+            raise FemtoccError(f"{onnx_path}: inputs {', '.join(missing)} were not given (expected {', '.join(inputs)})")
         result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in inputs])
         results = result if len(outputs) > 1 else [result]
         return {name: r.numpy() for name, r in zip(outputs, results)}
