@@ -333,6 +333,23 @@ def bind(shape: tuple[Dim, ...], T: int, P: int) -> tuple[int | None, ...]:
     return tuple(None if d == (-1, 0, 0) else d[0] + d[1] * T + d[2] * P for d in shape)
 
 
+def solve_sizes(dims: list[tuple[str, Dim, int]]) -> dict[str, int]:
+    """``T`` and ``P`` from ``(where, declared dim, actual size)`` triples: a dim with one unknown
+    symbol fixes it; two rounds, so that a dim ``T + P`` binds ``P`` once ``T`` is known. Unbound
+    symbols are 0; callers check every dim against the result (:func:`bind`)."""
+    symbols: dict[str, int | None] = {"T": None, "P": None}
+    for _ in range(2):
+        for where, (c, t, q), n in dims:
+            for sym, coef, other, other_coef in (("T", t, "P", q), ("P", q, "T", t)):
+                if not coef or symbols[sym] is not None or (other_coef and symbols[other] is None):
+                    continue
+                value, rem = divmod(n - c - other_coef * (symbols[other] or 0), coef)
+                if rem or value < 0:
+                    raise ProgramError(f"{where} dim {n} does not fit {sym}")
+                symbols[sym] = value
+    return {k: v or 0 for k, v in symbols.items()}
+
+
 def encode_params(op: str, attrs: dict) -> list[int]:
     out: list[int] = []
     for name in ISA[OPCODE[op]][1]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from femtocc.runtime.program import CONSTANT_REGIONS, NUMPY, Program, ProgramError, bind, decode_constant, decode_params, float_io
+from femtocc.runtime.program import (CONSTANT_REGIONS, NUMPY, Program, ProgramError, bind, decode_constant, decode_params,
+                                     float_io, solve_sizes)
 
 
 def load_program(path) -> Program:
@@ -37,26 +38,16 @@ class ReferenceRuntime:
             self.steps.append((k, ins, OPS[ins.op].run, attrs))
 
     def bind(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-        """``T`` and ``P`` from the inputs' shapes: a dim with one unknown symbol fixes it; two rounds,
-        so that a dim ``T + P`` binds ``P`` once ``T`` is known (:meth:`run` checks every dim)."""
-        p, symbols = self.program, {"T": None, "P": None}
+        """``T`` and ``P`` from the inputs' shapes (:func:`solve_sizes`; :meth:`run` checks every dim)."""
+        p = self.program
         for s in p.inputs:
             if s.name not in feeds:
                 raise ProgramError(f"{p.graph}: input {s.name} was not given")
             b, x = p.buffers[s.buffer], feeds[s.name]
             if x.dtype != NUMPY[b.dtype] or x.ndim != len(b.shape):
                 raise ProgramError(f"{p.graph}: input {s.name} is {x.dtype}{list(x.shape)}, expected {b.dtype} of rank {len(b.shape)}")
-        for _ in range(2):
-            for s in p.inputs:
-                for (c, t, q), n in zip(p.buffers[s.buffer].shape, feeds[s.name].shape):
-                    for sym, coef, other, other_coef in (("T", t, "P", q), ("P", q, "T", t)):
-                        if not coef or symbols[sym] is not None or (other_coef and symbols[other] is None):
-                            continue
-                        value, rem = divmod(n - c - other_coef * (symbols[other] or 0), coef)
-                        if rem or value < 0:
-                            raise ProgramError(f"{p.graph}: input {s.name} dim {n} does not fit {sym}")
-                        symbols[sym] = value
-        return {k: v or 0 for k, v in symbols.items()}
+        return solve_sizes([(f"{p.graph}: input {s.name}", d, n) for s in p.inputs
+                            for d, n in zip(p.buffers[s.buffer].shape, feeds[s.name].shape)])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         p = self.program

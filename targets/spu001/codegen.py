@@ -27,7 +27,8 @@ from femtocc.runtime.program import OPCODE, Buffer, Instruction, Program, Symbol
 EXTERNAL_BYTES = 1 << 32  # modelled external memory size
 
 
-def _dim(d, where: str):
+def program_dim(d, where: str):
+    """An IR dim (int, ``"T"``, ``"P + T"``, ``"?"``) as a program dim ``(const, coef_T, coef_P)``."""
     if isinstance(d, int):
         return (d, 0, 0)
     if d == dims.UNKNOWN:
@@ -41,7 +42,7 @@ def _dim(d, where: str):
 def _max_bytes(type_, dtype_bytes: int, bound: int = 448) -> int:
     n = 1
     for d in type_.shape:
-        c, t, p = _dim(d, "value")
+        c, t, p = program_dim(d, "value")
         n *= max(c + (t + p) * bound, 1) if (c, t, p) != (-1, 0, 0) else bound
     return n * dtype_bytes
 
@@ -55,7 +56,7 @@ def generate(graph, target) -> Program:
     ext_next = [0]
 
     def shape_of(v):
-        return tuple(_dim(d, f"%{v.name}") for d in v.type.shape)
+        return tuple(program_dim(d, f"%{v.name}") for d in v.type.shape)
 
     def add(v, region: str, **kw) -> int:
         index[id(v)] = len(buffers)

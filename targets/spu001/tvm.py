@@ -207,7 +207,7 @@ def region_to_graph(func, name: str):
         if isinstance(e, tvm.ir.GenericConst):
             return g.add_constant("c", e.value.numpy())
         if isinstance(e, relax.ShapeExpr):
-            return g.add_constant("shape", shape_constant(e.values))
+            return None  # a reshape target: reshape takes its target from its result type
         if e in bound:
             return bound[e]
         raise FemtoccError(f"spu001 region {name}: operand {e} is not supported")
@@ -310,8 +310,9 @@ class Region:
         from pathlib import Path
 
         from femtocc.passes import PassManager
+        from femtocc.runtime.program import solve_sizes
         from femtocc.targets.spu001 import load
-        from femtocc.targets.spu001.codegen import generate
+        from femtocc.targets.spu001.codegen import generate, program_dim
 
         g = self._float_graph()
         if self.sparsity:
@@ -324,13 +325,10 @@ class Region:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "ranges.json"
             path.write_text(json.dumps(self.recorder.ranges))
-            sizes = {"T": 1, "P": 0}  # tile for this call's sizes (the decoder's T and P)
-            for v in g.inputs:
-                for d, n in zip(v.type.shape, feeds[v.name].shape):
-                    if d in sizes:
-                        sizes[d] = int(n)
+            sizes = solve_sizes([(self.symbol, program_dim(d, v.name), n) for v in g.inputs  # tile for this call's T and P
+                                 for d, n in zip(v.type.shape, feeds[v.name].shape)])
             PassManager.parse(f"quantize{{ranges={path}}},select-layout,"
-                              f"tile-sram{{tokens={sizes['T']},cached={sizes['P']}}}").run(g)
+                              f"tile-sram{{tokens={sizes['T'] or 1},cached={sizes['P']}}}").run(g)
         target = load()
         self.quantized = g
         self.program = generate(g, target).to_bytes()
