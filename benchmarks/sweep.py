@@ -7,7 +7,9 @@ dense model, transcribe the evaluation part densely, then for every grid point p
 export it to ONNX and transcribe the evaluation part with onnxruntime. Writes, per model,
 ``sweep-MODEL.json`` and ``.csv`` (after every point, so a partial sweep is kept) and
 ``sweep-MODEL.png`` (WER against sparsity, one line per method, dense WER marked), and reports
-for each method the highest sparsity whose WER stays within +1.0 absolute of dense.
+for each method the highest sparsity whose WER stays within +1.0 absolute of dense. A sweep
+restricted to some grid lines (--only, --methods) replaces those lines in the earlier results of
+the same evaluation set and keeps the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def usable(rows: list[dict], dense_wer: float) -> dict[str, float]:
         if r["wer"] <= dense_wer + TOLERANCE:
             best[r["label"]] = max(best[r["label"]], r["sparsity"])
     return best
+
+
+def earlier_rows(path: Path, rerun: set[str], evaluation_utterances: int, dense_wer: float) -> tuple[list[dict], list[str]]:
+    """The rows of an earlier sweep of the same evaluation set whose grid lines are not rerun, and
+    the commands that made them, so a sweep restricted with --only or --methods updates its lines
+    and keeps the others."""
+    if not path.is_file():
+        return [], []
+    earlier = json.loads(path.read_text())
+    if earlier["evaluation_utterances"] != evaluation_utterances or abs(earlier["dense"]["wer"] - dense_wer) > 1e-9:
+        return [], []
+    kept = [r for r in earlier["rows"] if r["label"] not in rerun]
+    return kept, (earlier.get("earlier_commands", []) + [earlier["command"]]) if kept else []
 
 
 def plot(rows, dense_wer, model, path: Path) -> None:
@@ -96,9 +111,10 @@ def sweep_model(model: str, args) -> dict:
     print(f"{model}: dense WER {dense_report['wer']:.2f} on {len(evaluation)} utterances; "
           f"calibration on {len(calib)} utterances took {calib_s:.0f} s", flush=True)
     out = Path(args.out)
-    rows: list[dict] = []
     grids = {k: v for k, v in GRIDS.items()
              if (not args.methods or k[0] in args.methods) and (not args.only or label(*k) in args.only)}
+    rows, earlier_commands = earlier_rows(out / f"sweep-{model}.json", {label(*k) for k in grids},
+                                          len(evaluation), dense_report["wer"])
     for (method, allocation, pattern), sparsities in grids.items():
         for s in sparsities:
             cfg = PruneConfig(method=method, sparsity=s, pattern=pattern, allocation=allocation)
@@ -111,12 +127,14 @@ def sweep_model(model: str, args) -> dict:
                 "wer": round(result["wer"], 3), "agreement_wer": round(result["agreement_wer"], 3),
                 "hit_token_limit": result["hit_token_limit"], "prune_s": round(report["pruning_s"], 2),
                 "dampings": report["dampings_used"],
+                "refit_iterations": cfg.refit_iterations if method == "obs" else None,
             }
             rows.append(row)
             print(f"  {row['label']:<28} sparsity {row['sparsity']:.3f}  WER {row['wer']:6.2f}  "
                   f"agree {row['agreement_wer']:6.2f}  runaways {row['hit_token_limit']}", flush=True)
             summary = {
                 "command": "python " + " ".join(sys.argv),
+                "earlier_commands": earlier_commands,  # of the rows kept from earlier sweeps
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                 "model": model,
                 "calibration_utterances": len(calib),
@@ -129,7 +147,7 @@ def sweep_model(model: str, args) -> dict:
             with atomic_write(out / f"sweep-{model}.json", "w") as f:
                 json.dump(summary, f, indent=1)
             with atomic_write(out / f"sweep-{model}.csv", "w") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
                 w.writeheader()
                 w.writerows(rows)
     plot(rows, dense_report["wer"], model, out / f"sweep-{model}.png")

@@ -168,7 +168,7 @@ def cmd_prune(args) -> int:
 
     cfg = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-        damping=args.damping, sequential=args.sequential, layers=args.layers,
+        damping=args.damping, refit_iterations=args.refit_iterations, sequential=args.sequential, layers=args.layers,
         include_embeddings=args.include_embeddings, steps=args.steps, finetune_epochs=args.finetune_epochs,
     )
     cfg.check()
@@ -183,11 +183,12 @@ def cmd_prune(args) -> int:
     with atomic_write(out / "prune-report.json", "w") as f:
         json.dump(report, f, indent=1)
     if args.verbose:
-        print(f"{'layer':<42}{'shape':>12}{'sparsity':>10}{'rel.err':>10}{'damp':>7}")
+        print(f"{'layer':<42}{'shape':>12}{'sparsity':>10}{'rel.err':>10}{'unrefit':>10}{'damp':>7}")
         for name, r in report["layers"].items():
-            err = f"{r['relative_error']:.4f}" if r["relative_error"] is not None else "-"
+            err, unrefit = (f"{r[k]:.4f}" if r[k] is not None else "-"
+                            for k in ("relative_error", "relative_error_before_refit"))
             damp = f"{r['damping']:g}" if r["damping"] is not None else "-"
-            print(f"{name:<42}{'x'.join(map(str, r['shape'])):>12}{r['sparsity']:>10.3f}{err:>10}{damp:>7}")
+            print(f"{name:<42}{'x'.join(map(str, r['shape'])):>12}{r['sparsity']:>10.3f}{err:>10}{unrefit:>10}{damp:>7}")
     print(f"pruned {len(report['layers'])} layers ({report['pruned_params']:,} of {report['model_params']:,} "
           f"parameters) with {args.method}, pattern {report['config']['pattern']}: sparsity {report['sparsity']:.4f}, "
           f"{report['calibration_utterances']} calibration utterances, damping {report['dampings_used'] or '-'}, "
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p, DEFAULT_PIPELINE)
     p.set_defaults(func=cmd_eval)
 
+    from femtocc.passes.obs import REFIT_ITERATIONS
     from femtocc.passes.prune import METHODS
 
     p = sub.add_parser("prune", help="prune a model with OBS or magnitude pruning",
@@ -317,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="same sparsity in every layer, or allocated across layers from the OBS error (default uniform)")
     p.add_argument("--damping", type=float, default=None, help="OBS damping as a fraction of mean(diag H) (default: automatic)")
+    p.add_argument("--refit-iterations", type=int, default=REFIT_ITERATIONS, metavar="N",
+                   help="OBS: conjugate-gradient iterations that refit the kept weights to the pruned mask "
+                        f"(0: SparseGPT's update alone; default {REFIT_ITERATIONS})")
     p.add_argument("--sequential", action="store_true", help="calibrate each block on the already pruned blocks before it")
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
     p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")

@@ -67,21 +67,31 @@ def _token_cache(bundle, u: Utterance):
 
 def dense_transcripts(bundle, utts: list[Utterance]) -> dict[str, list[int]]:
     """Greedy token ids of ``bundle`` per utterance, cached by model digest and audio file."""
-    from femtocc.decode import greedy_decode, token_limit, torch_graph_backend
+    from femtocc.decode import torch_graph_backend
 
     results, backend = {}, None
     for u in utts:
-        path = _token_cache(bundle, u)
-        if path.is_file():
-            results[u.id] = json.loads(path.read_text())
-            continue
-        backend = backend or torch_graph_backend(bundle)
-        audio = u.audio()
-        feats = _features(bundle, audio)
-        results[u.id], _ = greedy_decode(backend.start(feats), bundle.decode, token_limit(len(audio) / SAMPLE_RATE, bundle.decode))
-        with atomic_write(path, "w") as f:
-            json.dump(results[u.id], f)
+        results[u.id] = _cached_tokens(bundle, u)
+        if results[u.id] is None:
+            backend = backend or torch_graph_backend(bundle)
+            audio = u.audio()
+            results[u.id] = _decode_and_cache(bundle, u, backend.start(_features(bundle, audio)), len(audio) / SAMPLE_RATE)
     return results
+
+
+def _cached_tokens(bundle, u: Utterance) -> list[int] | None:
+    path = _token_cache(bundle, u)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _decode_and_cache(bundle, u: Utterance, session, seconds: float) -> list[int]:
+    """Greedy-decode ``u`` in ``session`` (bounded by its duration) and cache the tokens."""
+    from femtocc.decode import greedy_decode, token_limit
+
+    tokens, _ = greedy_decode(session, bundle.decode, token_limit(seconds, bundle.decode))
+    with atomic_write(_token_cache(bundle, u), "w") as f:
+        json.dump(tokens, f)
+    return tokens
 
 
 def _features(bundle, audio):
@@ -97,7 +107,7 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
     """
     from tqdm import tqdm
 
-    from femtocc.decode import greedy_decode, token_limit, torch_graph_backend
+    from femtocc.decode import torch_graph_backend
 
     model = bundle.model
     backend = torch_graph_backend(bundle)
@@ -109,17 +119,11 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
             seconds = len(audio) / SAMPLE_RATE
             on_utterance(seconds)
             session = backend.start(_features(bundle, audio))
-            cached = _token_cache(bundle, u)
-            if dense_tokens is not None:
-                tokens = dense_tokens[u.id]
-            elif cached.is_file():
-                tokens = json.loads(cached.read_text())
-            else:  # decode without recording, then record the teacher-forced pass
+            tokens = dense_tokens[u.id] if dense_tokens is not None else _cached_tokens(bundle, u)
+            if tokens is None:  # decode without recording, then record the teacher-forced pass
                 recording["on"] = False
-                tokens, _ = greedy_decode(session, bundle.decode, token_limit(seconds, bundle.decode))
+                tokens = _decode_and_cache(bundle, u, session, seconds)
                 recording["on"] = True
-                with atomic_write(cached, "w") as f:
-                    json.dump(tokens, f)
                 session = session.fresh()
             session.step(list(bundle.decode.prompt) + list(tokens))
     finally:

@@ -8,9 +8,16 @@ spread over the not-yet-visited columns through the upper Cholesky factor of ``H
 block's accumulated error is pushed to the later blocks at once. Cost: one Cholesky
 (``O(in^3)``) plus ``O(out * in^2)`` updates per layer.
 
+That update is exact only for the weight pruned last: each later column's choice moves weights
+that earlier corrections already set. With the mask fixed, the best kept weights are a
+least-squares problem per row, and a refit solves it (Jacobi-preconditioned conjugate gradients
+over all rows at once, ``O(out * in^2)`` per iteration, ``REFIT_ITERATIONS`` of them). On
+Whisper's layers it removes 30-60 % of the output error that the OBS update leaves.
+
 Guarantees: the result has exactly the requested number of pruned units in every block
-(unstructured and pencil) or per group (N:M), pruned entries are exactly zero, and the mask
-follows the pattern (:func:`femtocc.passes.sparsity.mask_follows`).
+(unstructured and pencil) or per group (N:M), pruned entries are exactly zero, the mask
+follows the pattern (:func:`femtocc.passes.sparsity.mask_follows`), and the refit never changes
+the mask.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from femtocc.errors import FemtoccError
 from femtocc.passes.sparsity import Pattern
 
 AUTO_DAMPING = (0.01, 0.03, 0.1, 0.3, 1.0)  # tried in order until the damped H factors
+REFIT_ITERATIONS = 25  # the refit converges within this on Whisper's layers (benchmarks/README.md)
 
 
 @dataclass
@@ -31,6 +39,7 @@ class LayerResult:
     mask: np.ndarray  # [out, in], True where pruned
     damping: float  # fraction of mean(diag(H)) added to the diagonal
     error: float  # tr(dW H dW^T) / tr(W H W^T): relative output error on the calibration data
+    unrefit_error: float  # the same before the refit of the kept weights (== error without refit)
     dead_inputs: int  # inputs that never fired (diag(H) == 0); their weights are pruned for free
 
 
@@ -58,7 +67,7 @@ def _inverse_cholesky(h, damping):
 
 def obs_prune(
     weight: np.ndarray, hessian: np.ndarray, sparsity: float, pattern: Pattern,
-    damping: float | None = None, block: int = 128,
+    damping: float | None = None, block: int = 128, refit_iterations: int = REFIT_ITERATIONS,
 ) -> LayerResult:
     import torch
 
@@ -123,8 +132,38 @@ def obs_prune(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     mask |= dead.unsqueeze(0).expand_as(mask)
     W[mask] = 0.0
+    unrefit = relative_error(weight, W.to(torch.float32).numpy(), hessian)
+    if refit_iterations:
+        W = _refit(torch.from_numpy(np.array(weight, dtype=np.float64)), W, ~mask, H, lam, refit_iterations)
     out = W.to(torch.float32).numpy()
-    return LayerResult(out, mask.numpy(), float(lam), relative_error(weight, out, hessian), int(dead.sum()))
+    error = relative_error(weight, out, hessian) if refit_iterations else unrefit
+    return LayerResult(out, mask.numpy(), float(lam), error, unrefit, int(dead.sum()))
+
+
+def _refit(W0, W, keep, H, damping: float, iterations: int):
+    """The best kept weights for a fixed mask: minimise ``tr((W - W0) H' (W - W0)^T)``, ``H'`` the
+    damped Hessian, over ``W`` that are zero outside ``keep``. Each row is its own positive-definite
+    system on its kept inputs; Jacobi-preconditioned conjugate gradients solve all rows at once,
+    starting from the OBS weights (one ``[out, in] x [in, in]`` product per iteration)."""
+    import torch
+
+    Hd = H + damping * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    M = keep.to(W.dtype)
+    inv_diag = 1.0 / torch.diag(Hd)
+    R = M * ((W0 - W) @ Hd)  # b - A W with A X = M * (X H'), b = M * (W0 H')
+    Z = R * inv_diag
+    P, rz = Z, (R * Z).sum(dim=1, keepdim=True)
+    tiny = torch.finfo(W.dtype).tiny
+    for _ in range(iterations):
+        AP = M * (P @ Hd)
+        alpha = rz / (P * AP).sum(dim=1, keepdim=True).clamp_min(tiny)
+        W = W + alpha * P
+        R = R - alpha * AP
+        Z = R * inv_diag
+        rz_next = (R * Z).sum(dim=1, keepdim=True)
+        P = Z + (rz_next / rz.clamp_min(tiny)) * P
+        rz = rz_next
+    return M * W
 
 
 def magnitude_mask(weight: np.ndarray, sparsity: float, pattern: Pattern, threshold: float | None = None) -> np.ndarray:

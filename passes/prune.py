@@ -1,6 +1,7 @@
 """Pruning driver: OBS (second order, with reconstruction) and the magnitude baselines, on Whisper.
 
-* ``obs``: :func:`femtocc.passes.obs.obs_prune` per layer on calibrated Hessians.
+* ``obs``: :func:`femtocc.passes.obs.obs_prune` per layer on calibrated Hessians: the OBS mask
+  and update, then a refit of the kept weights to that mask (``refit_iterations``; 0 turns it off).
 * ``mp-local``: per layer, the smallest-magnitude units (weights, pencils, or within N:M groups).
 * ``mp-global``: one magnitude threshold across all pruned layers.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 from femtocc.passes.calibrate import Hessians, collect_hessians, dense_transcripts, prunable_layers
-from femtocc.passes.obs import magnitude_mask, obs_prune, relative_error, unit_scores
+from femtocc.passes.obs import REFIT_ITERATIONS, magnitude_mask, obs_prune, relative_error, unit_scores
 from femtocc.passes.sparsity import Pattern, parse_pattern
 
 METHODS = ("obs", "mp-local", "mp-global")
@@ -46,6 +47,7 @@ class PruneConfig:
     layers: str | None = None  # regex over module paths; None: every linear and conv
     include_embeddings: bool = False
     block: int = 128
+    refit_iterations: int = REFIT_ITERATIONS  # OBS: conjugate-gradient refit of the kept weights (0: off)
     steps: int = 1  # gradual pruning: sparsity * i / steps for i = 1..steps, each followed by fine-tuning
     finetune_epochs: int = 0  # distillation epochs after each step (see femtocc.passes.finetune)
     finetune_lr: float = 5e-5
@@ -62,6 +64,8 @@ class PruneConfig:
             raise FemtoccError("N:M fixes every group's sparsity; global allocation has nothing to allocate")
         if pattern.fixed_sparsity is not None:
             self.sparsity = pattern.fixed_sparsity
+        if self.refit_iterations < 0:
+            raise FemtoccError(f"refit iterations must be >= 0, got {self.refit_iterations}")
         if self.steps < 1 or self.finetune_epochs < 0:
             raise FemtoccError(f"steps must be >= 1 and finetune epochs >= 0, got {self.steps}, {self.finetune_epochs}")
         if self.steps > 1 and (pattern.kind == "nm" or self.method != "obs"):
@@ -199,12 +203,14 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
         for name in stage:
             w = weight_matrix(layers[name])
             if cfg.method == "obs":
-                r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block)
-                new, damping, error = r.weight, r.damping, r.error
+                r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block,
+                              cfg.refit_iterations)
+                new, damping, error, unrefit = r.weight, r.damping, r.error, r.unrefit_error
             else:
                 mask = magnitude_mask(w, targets[name], pattern)
                 new, damping = np.where(mask, 0.0, w).astype(np.float32), None
                 error = relative_error(w, new, hessians.matrices[name]) if hessians else None
+                unrefit = error
             _store(layers[name], new)
             per_layer[name] = {
                 "shape": list(w.shape),
@@ -213,6 +219,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
                 "sparsity": float(1 - np.count_nonzero(new) / w.size),
                 "target": targets[name],
                 "relative_error": error,
+                "relative_error_before_refit": unrefit,
                 "damping": damping,
             }
     timings["pruning_s"] = time.perf_counter() - t

@@ -40,6 +40,8 @@ def test_bad_inputs_give_one_line_errors(capsys, tmp_path, dev_data):
     text = tmp_path / "broken.fir"
     text.write_text("graph @g(%a: f32[2]) {\n  %b = neg(%zz) : f32[2]\n  return %b\n}\n")
     one_line_error(capsys, ["show", str(text)], "broken.fir:2:12: use of undefined value %zz")
+    one_line_error(capsys, ["prune", "whisper-tiny.en", "--refit-iterations", "-1", "-o", str(tmp_path / "p")],
+                   "refit iterations must be >= 0, got -1")
 
 
 def test_unsupported_op_via_cli(capsys, tmp_path):

@@ -48,6 +48,25 @@ def test_exact_sparsity_and_valid_pattern(pattern, sparsity):
     assert abs(m.mean() - sparsity) < 1 / 128 and mask_follows(m, p)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "pencil8", "2:4"])
+def test_refit_solves_each_row_exactly_for_the_obs_mask(pattern):
+    w, h, _ = layer(rows=16, cols=48)
+    p = parse_pattern(pattern)
+    plain = obs_prune(w, h, 0.5, p, refit_iterations=0)
+    refit = obs_prune(w, h, 0.5, p, refit_iterations=100)
+    assert np.array_equal(refit.mask, plain.mask)
+    assert np.all(refit.weight[refit.mask] == 0)
+    assert refit.unrefit_error == pytest.approx(plain.error, rel=1e-6)
+    assert refit.error < 0.95 * plain.error
+    # the exact optimum per row, on the damped Hessian the refit uses: kept weights K solve
+    # H'_KK d_K = H'_KP w_P (d = w_new - w, the pruned weights P set to zero)
+    hd = h + refit.damping * np.mean(np.diag(h)) * np.eye(h.shape[0])
+    for r in range(w.shape[0]):
+        keep, cut = ~refit.mask[r], refit.mask[r]
+        d = np.linalg.solve(hd[np.ix_(keep, keep)], hd[np.ix_(keep, cut)] @ w[r, cut].astype(np.float64))
+        np.testing.assert_allclose(refit.weight[r, keep], w[r, keep] + d, rtol=1e-3, atol=1e-4)
+
+
 def test_pencil_and_nm_masks_are_checked():
     p8, p24 = parse_pattern("pencil8"), parse_pattern("2:4")
     mask = np.zeros((16, 8), bool)

@@ -47,8 +47,8 @@ for n in names:
     dinv = np.diag(np.linalg.inv(hd))
     S = w**2 / dinv[None, :]
     for s in (0.3, 0.5):
-        base = obs_prune(w, h, s, pat).error
+        base = obs_prune(w, h, s, pat, refit_iterations=0).error
         perm = balanced_groups(S)
-        pe = obs_prune(w[perm], h, s, pat).error
-        un = obs_prune(w, h, s, parse_pattern("unstructured")).error
+        pe = obs_prune(w[perm], h, s, pat, refit_iterations=0).error
+        un = obs_prune(w, h, s, parse_pattern("unstructured"), refit_iterations=0).error
         print(n, s, "identity", round(base, 4), "grouped", round(pe, 4), "unstructured", round(un, 4), flush=True)

@@ -81,7 +81,7 @@ for b in range(n_blocks):
             damped = h + 0.01 * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
             lam = 0.01 * torch.mean(torch.diag(h))
             w = w @ (c.T + lam * torch.eye(h.shape[0], dtype=h.dtype)) @ torch.linalg.inv(damped)
-        r = obs_prune(w.numpy(), h.numpy(), S, pattern)
+        r = obs_prune(w.numpy(), h.numpy(), S, pattern, refit_iterations=0)
         _store(layers[n], r.weight)
     print("block", b, round(time.perf_counter() - t1), flush=True)
 pruned.source_digest = weights_digest(pruned.model)
