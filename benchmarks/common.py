@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 
 
 def header() -> dict:
     return {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
     }
 

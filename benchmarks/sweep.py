@@ -18,12 +18,12 @@ import argparse
 import csv
 import io
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import header
 
 GRIDS = {
     # (method, allocation, pattern): sparsities
@@ -73,14 +73,21 @@ def plot(rows, dense_wer, model, path: Path) -> None:
     from femtocc.cache import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = max(dense_wer + 10, min(3 * dense_wer, max(r["wer"] for r in rows) + 2))  # keep the +1.0 region legible
+    off_scale: dict[float, int] = {}  # per sparsity, labels already written at the edge
     for name in dict.fromkeys(r["label"] for r in rows):
         pts = sorted((r["sparsity"], r["wer"]) for r in rows if r["label"] == name)
-        ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=name)
+        line, = ax.plot([p[0] * 100 for p in pts], [min(p[1], top) for p in pts], marker="o", label=name)
+        for x, y in pts:
+            if y > top:  # off the scale: drawn at the edge, with its value
+                off_scale[x] = off_scale.get(x, 0) + 1
+                ax.annotate(f"{y:.0f}", (x * 100, top), textcoords="offset points", xytext=(4, -3 - 9 * off_scale[x]),
+                            fontsize=7, color=line.get_color())
     ax.axhline(dense_wer, color="black", linestyle="--", linewidth=1, label=f"dense {dense_wer:.2f}")
     ax.axhline(dense_wer + TOLERANCE, color="grey", linestyle=":", linewidth=1, label="dense + 1.0")
     ax.set_xlabel("sparsity of pruned layers (%)")
     ax.set_ylabel("WER (%)")
-    ax.set_ylim(0, min(130, max(60, dense_wer + 10, *(r["wer"] + 5 for r in rows))))
+    ax.set_ylim(0, top * 1.02)
     ax.set_title(f"{model}: WER vs sparsity (evaluation split)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -133,9 +140,8 @@ def sweep_model(model: str, args) -> dict:
             print(f"  {row['label']:<28} sparsity {row['sparsity']:.3f}  WER {row['wer']:6.2f}  "
                   f"agree {row['agreement_wer']:6.2f}  runaways {row['hit_token_limit']}", flush=True)
             summary = {
-                "command": "python " + " ".join(sys.argv),
+                **header(),
                 "earlier_commands": earlier_commands,  # of the rows kept from earlier sweeps
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                 "model": model,
                 "calibration_utterances": len(calib),
                 "evaluation_utterances": len(evaluation),
