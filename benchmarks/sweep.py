@@ -9,7 +9,12 @@ export it to ONNX and transcribe the evaluation part with onnxruntime. Writes, p
 ``sweep-MODEL.png`` (WER against sparsity, one line per method, dense WER marked), and reports
 for each method the highest sparsity whose WER stays within +1.0 absolute of dense. A sweep
 restricted to some grid lines (--only, --methods) replaces those lines in the earlier results of
-the same evaluation set and keeps the rest.
+the same evaluation set and keeps the rest. Each row keeps its errors per utterance, so that
+
+    python benchmarks/sweep.py --compare sweep-A.json sweep-B.json [--line obs-uniform]
+
+can resample the evaluation utterances (a paired bootstrap) and say how often model B's highest
+sparsity within +1.0 exceeds model A's: one runaway utterance moves a WER by ~0.8 here.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ def sweep_model(model: str, args) -> dict:
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.calibrate import collect_hessians, prunable_layers
     from femtocc.passes.prune import PruneConfig, prune_model
+    from femtocc.wer import utterance_errors
 
     bundle = load_whisper(model)
     calib, evaluation = split_by_speaker(load_dataset(args.data))
@@ -115,6 +121,7 @@ def sweep_model(model: str, args) -> dict:
     dense = transcribe(bundle, make_backend(bundle, "onnxruntime"), evaluation)
     dense_report = score(dense)
     dense_texts = {x.id: x.hypothesis for x in dense}
+    dense_per = utterance_errors([x.reference for x in dense], [x.hypothesis for x in dense])
     print(f"{model}: dense WER {dense_report['wer']:.2f} on {len(evaluation)} utterances; "
           f"calibration on {len(calib)} utterances took {calib_s:.0f} s", flush=True)
     out = Path(args.out)
@@ -127,7 +134,8 @@ def sweep_model(model: str, args) -> dict:
             cfg = PruneConfig(method=method, sparsity=s, pattern=pattern, allocation=allocation)
             pruned, report = prune_model(bundle, cfg, calib, hessians=hessians)
             with tempfile.TemporaryDirectory() as tmp:
-                result = score(transcribe(pruned, make_backend(pruned, "onnxruntime", export_dir=tmp), evaluation), dense_texts)
+                transcripts = transcribe(pruned, make_backend(pruned, "onnxruntime", export_dir=tmp), evaluation)
+            result = score(transcripts, dense_texts)
             row = {
                 "model": model, "label": label(method, allocation, pattern), "method": method,
                 "allocation": allocation, "pattern": pattern, "sparsity": round(report["sparsity"], 4),
@@ -135,6 +143,8 @@ def sweep_model(model: str, args) -> dict:
                 "hit_token_limit": result["hit_token_limit"], "prune_s": round(report["pruning_s"], 2),
                 "dampings": report["dampings_used"],
                 "refit_iterations": cfg.refit_iterations if method == "obs" else None,
+                "utterance_errors": [e for e, _ in utterance_errors([x.reference for x in transcripts],
+                                                                   [x.hypothesis for x in transcripts])],
             }
             rows.append(row)
             print(f"  {row['label']:<28} sparsity {row['sparsity']:.3f}  WER {row['wer']:6.2f}  "
@@ -146,6 +156,9 @@ def sweep_model(model: str, args) -> dict:
                 "calibration_utterances": len(calib),
                 "evaluation_utterances": len(evaluation),
                 "dense": dense_report,
+                "utterance_ids": [u.id for u in evaluation],  # the order of every utterance list below
+                "utterance_words": [w for _, w in dense_per],
+                "dense_utterance_errors": [e for e, _ in dense_per],
                 "tolerance": TOLERANCE,
                 "max_sparsity_within_tolerance": usable(rows, dense_report["wer"]),
                 "rows": rows,
@@ -153,7 +166,8 @@ def sweep_model(model: str, args) -> dict:
             with atomic_write(out / f"sweep-{model}.json", "w") as f:
                 json.dump(summary, f, indent=1)
             with atomic_write(out / f"sweep-{model}.csv", "w") as f:
-                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r if k != "utterance_errors")),
+                                   extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
     plot(rows, dense_report["wer"], model, out / f"sweep-{model}.png")
@@ -161,6 +175,51 @@ def sweep_model(model: str, args) -> dict:
     for name, s in best.items():
         print(f"  {model}: {name:<28} highest sparsity within +{TOLERANCE} WER: {s:.2f}")
     return best
+
+
+def usable_bootstrap(summary: dict, name: str, draws):
+    """The highest sparsity within TOLERANCE of dense for line ``name``, once per resample of the
+    evaluation utterances (``draws``: [B, n] utterance counts); rows without per-utterance errors
+    (older sweeps) are left out."""
+    import numpy as np
+
+    words = draws @ np.asarray(summary["utterance_words"], dtype=float)
+    dense = 100 * (draws @ np.asarray(summary["dense_utterance_errors"], dtype=float)) / words
+    best = np.zeros(len(draws))
+    for r in summary["rows"]:
+        if r["label"] == name and "utterance_errors" in r:
+            wer = 100 * (draws @ np.asarray(r["utterance_errors"], dtype=float)) / words
+            best = np.where(wer <= dense + TOLERANCE, np.maximum(best, r["sparsity"]), best)
+    return best
+
+
+def compare(first: str, second: str, name: str, resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap over the evaluation utterances of two models' sweeps: how often the second
+    model's highest sparsity within +1.0 of its dense WER exceeds, equals or trails the first's."""
+    import numpy as np
+
+    a, b = (json.loads(Path(p).read_text()) for p in (first, second))
+    if a.get("utterance_ids") is None or a.get("utterance_ids") != b.get("utterance_ids"):
+        raise SystemExit("compare: both sweeps need per-utterance errors on the same evaluation utterances")
+    n = len(a["utterance_ids"])
+    picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    draws = np.zeros((resamples, n))
+    np.add.at(draws, (np.arange(resamples)[:, None], picks), 1.0)
+    ua, ub = usable_bootstrap(a, name, draws), usable_bootstrap(b, name, draws)
+
+    def spread(u):
+        values, counts = np.unique(u, return_counts=True)
+        return {f"{v:.2f}": round(c / resamples, 4) for v, c in zip(values, counts)}
+
+    return {
+        **header(), "line": name, "resamples": resamples, "seed": seed,
+        "models": [a["model"], b["model"]],
+        "measured": [usable(a["rows"], a["dense"]["wer"]).get(name), usable(b["rows"], b["dense"]["wer"]).get(name)],
+        "bootstrap": {a["model"]: spread(ua), b["model"]: spread(ub)},
+        f"P({b['model']} further)": round(float(np.mean(ub > ua)), 4),
+        "P(same)": round(float(np.mean(ub == ua)), 4),
+        f"P({a['model']} further)": round(float(np.mean(ub < ua)), 4),
+    }
 
 
 def replot(json_path: str) -> None:
@@ -180,7 +239,20 @@ def main() -> int:
     ap.add_argument("--replot", metavar="JSON", help="only redraw the plot of an earlier sweep")
     ap.add_argument("--grid", nargs="*", default=[], metavar="LABEL=S1,S2",
                     help="replace a grid line, e.g. obs-uniform=0.5,0.6,0.7 or 'mp-local=0.2,0.3'")
+    ap.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
+                    help="only compare two models' sweep JSONs by a paired bootstrap of the evaluation utterances")
+    ap.add_argument("--line", default="obs-uniform", help="the grid line --compare looks at (default obs-uniform)")
     args = ap.parse_args()
+    if args.compare:
+        from femtocc.cache import atomic_write
+
+        result = compare(*args.compare, args.line)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("command", "machine")}, indent=1))
+        path = Path(args.out) / f"compare-{result['models'][0]}-{result['models'][1]}.json"
+        with atomic_write(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+        return 0
     if args.replot:
         replot(args.replot)
         return 0

@@ -49,3 +49,20 @@ def corpus_wer(references: list[str], hypotheses: list[str]) -> dict:
         "deletions": out.deletions,
         "insertions": out.insertions + extra_insertions,
     }
+
+
+def utterance_errors(references: list[str], hypotheses: list[str]) -> list[tuple[int, int]]:
+    """(errors, reference words) per utterance, scored as :func:`corpus_wer` scores the corpus (an
+    empty reference counts every hypothesis word as an error): the sums give its WER, and they
+    let a bootstrap resample utterances."""
+    import jiwer
+
+    out = []
+    for r, h in zip(references, hypotheses, strict=True):
+        r, h = normalize(r), normalize(h)
+        if not r.strip():
+            out.append((len(h.split()), 0))
+            continue
+        m = jiwer.process_words(r, h if h.strip() else "")
+        out.append((m.substitutions + m.deletions + m.insertions, len(r.split())))
+    return out

@@ -4,7 +4,7 @@ import soundfile as sf
 
 from femtocc.data import SAMPLE_RATE, load_audio, load_dataset, split_by_speaker
 from femtocc.errors import FemtoccError
-from femtocc.wer import corpus_wer, normalize
+from femtocc.wer import corpus_wer, normalize, utterance_errors
 
 
 def tone(seconds=0.5, rate=SAMPLE_RATE):
@@ -79,6 +79,15 @@ def test_normalizer_and_corpus_wer():
     assert (r["substitutions"], r["deletions"], r["insertions"], r["words"]) == (1, 0, 0, 6)
     r = corpus_wer(["hello world", "uh"], ["", "extra words"])  # empty hypothesis, empty normalized reference
     assert r["wer"] == pytest.approx(200.0)
+
+
+def test_utterance_errors_sum_to_the_corpus_wer():
+    refs = ["the cat sat", "on the mat", "hello world", "uh", "Mr. Smith paid 20 dollars"]
+    hyps = ["the cat sat down", "on a mat", "", "extra words", "mister smith paid twenty dollars"]
+    per = utterance_errors(refs, hyps)
+    assert per == [(1, 3), (1, 3), (2, 2), (2, 0), (0, 4)]  # "20 dollars" normalizes to "$20"
+    errors, words = map(sum, zip(*per))
+    assert 100 * errors / words == pytest.approx(corpus_wer(refs, hyps)["wer"])
 
 
 def test_speaker_split_is_disjoint_and_deterministic(dev_utts):
