@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import header
+from common import header, write_result
 
 GRIDS = {
     # (method, allocation, pattern): sparsities
@@ -212,7 +212,7 @@ def compare(first: str, second: str, name: str, resamples: int = 2000, seed: int
         return {f"{v:.2f}": round(c / resamples, 4) for v, c in zip(values, counts)}
 
     return {
-        **header(), "line": name, "resamples": resamples, "seed": seed,
+        "line": name, "resamples": resamples, "seed": seed,
         "models": [a["model"], b["model"]],
         "measured": [usable(a["rows"], a["dense"]["wer"]).get(name), usable(b["rows"], b["dense"]["wer"]).get(name)],
         "bootstrap": {a["model"]: spread(ua), b["model"]: spread(ub)},
@@ -244,13 +244,10 @@ def main() -> int:
     ap.add_argument("--line", default="obs-uniform", help="the grid line --compare looks at (default obs-uniform)")
     args = ap.parse_args()
     if args.compare:
-        from femtocc.cache import atomic_write
-
         result = compare(*args.compare, args.line)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("command", "machine")}, indent=1))
+        print(json.dumps(result, indent=1))
         path = Path(args.out) / f"compare-{result['models'][0]}-{result['models'][1]}.json"
-        with atomic_write(path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_result(path, result)
         print(f"wrote {path}")
         return 0
     if args.replot:
