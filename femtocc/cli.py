@@ -170,6 +170,7 @@ def cmd_prune(args) -> int:
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
         damping=args.damping, refit_iterations=args.refit_iterations, sequential=args.sequential, layers=args.layers,
         include_embeddings=args.include_embeddings, steps=args.steps, finetune_epochs=args.finetune_epochs,
+        heldout=args.heldout,
     )
     cfg.check()
     calib = load_dataset(args.calib)
@@ -183,16 +184,20 @@ def cmd_prune(args) -> int:
     with atomic_write(out / "prune-report.json", "w") as f:
         json.dump(report, f, indent=1)
     if args.verbose:
-        print(f"{'layer':<42}{'shape':>12}{'sparsity':>10}{'rel.err':>10}{'unrefit':>10}{'damp':>7}")
+        print(f"{'layer':<42}{'shape':>12}{'sparsity':>10}{'rel.err':>10}{'unrefit':>10}{'held-out':>10}{'damp':>7}")
         for name, r in report["layers"].items():
-            err, unrefit = (f"{r[k]:.4f}" if r[k] is not None else "-"
-                            for k in ("relative_error", "relative_error_before_refit"))
+            err, unrefit, heldout = (f"{r[k]:.4f}" if r[k] is not None else "-"
+                                     for k in ("relative_error", "relative_error_before_refit", "heldout_error"))
             damp = f"{r['damping']:g}" if r["damping"] is not None else "-"
-            print(f"{name:<42}{'x'.join(map(str, r['shape'])):>12}{r['sparsity']:>10.3f}{err:>10}{unrefit:>10}{damp:>7}")
+            print(f"{name:<42}{'x'.join(map(str, r['shape'])):>12}{r['sparsity']:>10.3f}{err:>10}{unrefit:>10}"
+                  f"{heldout:>10}{damp:>7}")
     print(f"pruned {len(report['layers'])} layers ({report['pruned_params']:,} of {report['model_params']:,} "
           f"parameters) with {args.method}, pattern {report['config']['pattern']}: sparsity {report['sparsity']:.4f}, "
           f"{report['calibration_utterances']} calibration utterances, damping {report['dampings_used'] or '-'}, "
           f"{report['seconds']:.1f} s (calibration {report['calibration_s']:.1f} s, pruning {report['pruning_s']:.1f} s)")
+    if report["mean_heldout_error"] is not None:
+        print(f"mean relative layer error {report['mean_relative_error']:.4f} on the calibration speech, "
+              f"{report['mean_heldout_error']:.4f} on held-out speakers")
     print(f"wrote {out} and {out / 'prune-report.json'}")
     return 0
 
@@ -323,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OBS: conjugate-gradient iterations that refit the kept weights to the pruned mask "
                         f"(0: SparseGPT's update alone; default {REFIT_ITERATIONS})")
     p.add_argument("--sequential", action="store_true", help="calibrate each block on the already pruned blocks before it")
+    p.add_argument("--heldout", action="store_true",
+                   help="also report each layer's error on held-out calibration speakers (every other speaker), "
+                        "pruned without them: shows how far the calibration error generalises")
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
     p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
     _gradual_args(p)

@@ -9,6 +9,11 @@ kernel index fastest, matching ``weight.reshape(out, -1)``). Layers that read th
 (q/k/v, all cross-attention k/v) share one computation per forward pass. Encoder inputs keep
 all speech frames and every ``PADDING_STRIDE``-th frame of Whisper's 30 s zero padding, scaled
 so the sum stays unbiased (the padding frames are near-identical; this cuts calibration ~2x).
+
+With ``heldout``, the utterances of every other speaker (sorted by name) also accumulate into a
+second H: pruning on the other speakers' H and measuring on this one tells how far a layer's
+calibration error generalises (decoder layers, fed ~20 tokens per utterance against hundreds of
+inputs, fit their calibration data far better than new speakers': benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from femtocc.cache import atomic_write, cache_root
 from femtocc.data import SAMPLE_RATE, Utterance
+from femtocc.errors import FemtoccError
 
 PADDING_STRIDE = 4
 
@@ -30,6 +36,27 @@ class Hessians:
     matrices: dict[str, np.ndarray] = field(default_factory=dict)  # layer path -> H (float64)
     rows: dict[str, int] = field(default_factory=dict)  # layer path -> number of input rows seen
     utterances: int = 0
+    heldout_matrices: dict[str, np.ndarray] = field(default_factory=dict)  # H over the held-out speakers only
+    heldout_rows: dict[str, int] = field(default_factory=dict)
+
+    def update(self, other: "Hessians") -> None:
+        """Take ``other``'s layers (a recalibration of some layers) over these."""
+        for mine, theirs in ((self.matrices, other.matrices), (self.rows, other.rows),
+                             (self.heldout_matrices, other.heldout_matrices), (self.heldout_rows, other.heldout_rows)):
+            mine.update(theirs)
+
+    def fit_matrix(self, name: str) -> np.ndarray:
+        """H over the speakers that are not held out: ``matrices`` minus the held-out part."""
+        n, n_out = self.rows[name], self.heldout_rows[name]
+        return (n * self.matrices[name] - n_out * self.heldout_matrices[name]) / (n - n_out)
+
+
+def heldout_speakers(utts: list[Utterance]) -> set[str]:
+    """Every other speaker in sorted order: a deterministic half of the calibration speakers."""
+    speakers = sorted({u.speaker for u in utts})
+    if len(speakers) < 2:
+        raise FemtoccError(f"a held-out error needs calibration speech from at least 2 speakers, got {len(speakers)}")
+    return set(speakers[1::2])
 
 
 def prunable_layers(model, include_embeddings: bool = False) -> dict:
@@ -103,7 +130,7 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
     """Run each utterance through the encoder and the teacher-forced decoder, hooks recording.
 
     Tokens: ``dense_tokens`` if given, else this model's cached transcript, else greedy decoding
-    with the hooks paused (then cached). ``on_utterance(seconds)`` runs before each utterance.
+    with the hooks paused (then cached). ``on_utterance(u, seconds)`` runs before each utterance.
     """
     from tqdm import tqdm
 
@@ -117,7 +144,7 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
         for u in tqdm(utts, desc="calibrate", unit="utt", disable=not progress, leave=False):
             audio = u.audio()
             seconds = len(audio) / SAMPLE_RATE
-            on_utterance(seconds)
+            on_utterance(u, seconds)
             session = backend.start(_features(bundle, audio))
             tokens = dense_tokens[u.id] if dense_tokens is not None else _cached_tokens(bundle, u)
             if tokens is None:  # decode without recording, then record the teacher-forced pass
@@ -132,9 +159,10 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
 
 def collect_hessians(
     bundle, utts: list[Utterance], layers: dict | None = None, progress: bool = False,
-    dense_tokens: dict[str, list[int]] | None = None, padding_stride: int = PADDING_STRIDE,
+    dense_tokens: dict[str, list[int]] | None = None, padding_stride: int = PADDING_STRIDE, heldout: bool = False,
 ) -> Hessians:
-    """Run ``utts`` through the model and accumulate H for ``layers``.
+    """Run ``utts`` through the model and accumulate H for ``layers`` (and, with ``heldout``, the
+    part of H from :func:`heldout_speakers`).
 
     The decoder is teacher-forced on ``dense_tokens`` (the dense model's greedy transcripts) when
     given, else on this model's cached transcripts; failing both, the model decodes greedily while
@@ -148,8 +176,11 @@ def collect_hessians(
     encoder_modules = {id(m) for m in model.model.encoder.modules()}
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    held_sums: dict[str, torch.Tensor] = {}
+    held_rows: dict[str, int] = {}
+    held_speakers = heldout_speakers(utts) if heldout else set()
     shared: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}  # holds x so its address stays unique
-    speech = {"seconds": 0.0}
+    speech = {"seconds": 0.0, "heldout": False}
     recording = {"on": True}
 
     def rows_of(module, x):
@@ -164,6 +195,13 @@ def collect_hessians(
             return torch.cat([flat[:n], pad]), flat.shape[0]
         return flat, flat.shape[0]
 
+    def add(total: dict, count: dict, name: str, xtx, n: int) -> None:
+        if name in total:
+            total[name] += xtx
+        else:
+            total[name] = xtx.clone()
+        count[name] = count.get(name, 0) + n
+
     def hook(name):
         def accumulate(module, inputs, output):
             if not recording["on"]:
@@ -174,16 +212,15 @@ def collect_hessians(
                 flat, n = rows_of(module, x)
                 shared[key] = (x, (flat.T @ flat).to(torch.float64), n)
             _, xtx, n = shared[key]
-            if name in sums:
-                sums[name] += xtx
-            else:
-                sums[name] = xtx.clone()
-            rows[name] = rows.get(name, 0) + n
+            add(sums, rows, name, xtx, n)
+            if speech["heldout"]:
+                add(held_sums, held_rows, name, xtx, n)
 
         return accumulate
 
-    def new_utterance(seconds: float) -> None:
+    def new_utterance(u: Utterance, seconds: float) -> None:
         speech["seconds"] = seconds
+        speech["heldout"] = u.speaker in held_speakers
         shared.clear()
 
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
@@ -196,6 +233,11 @@ def collect_hessians(
     for name, s in sums.items():
         out.matrices[name] = (2.0 / rows[name]) * s.numpy()
         out.rows[name] = rows[name]
+        if heldout:
+            if held_rows.get(name, 0) in (0, rows[name]):
+                raise FemtoccError(f"layer {name}: no input rows from one of the two calibration halves")
+            out.heldout_matrices[name] = (2.0 / held_rows[name]) * held_sums[name].numpy()
+            out.heldout_rows[name] = held_rows[name]
     return out
 
 

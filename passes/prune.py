@@ -10,7 +10,8 @@ is scored by the output error it would cause alone, ``w^2 / [H^-1]_jj`` relative
 output energy ``tr(W H W^T)``, and one threshold over all layers meets the target (each layer
 kept within ``ALLOCATION_SPREAD`` of the target, so no layer is emptied; ``mp-global`` uses the
 classic unbounded magnitude threshold, capped at ``MAX_LAYER_SPARSITY``). ``sequential`` recalibrates each block on the outputs of the
-blocks already pruned before it (costs one calibration pass per block).
+blocks already pruned before it (costs one calibration pass per block). ``heldout`` adds each
+layer's error on held-out calibration speakers (pruned again without them: one more OBS per layer).
 
 Guarantees: the pruned layers hold exact zeros in the chosen pattern; the overall sparsity over
 pruned parameters equals the target up to rounding (uniform) or the cap (global); the token
@@ -51,6 +52,7 @@ class PruneConfig:
     steps: int = 1  # gradual pruning: sparsity * i / steps for i = 1..steps, each followed by fine-tuning
     finetune_epochs: int = 0  # distillation epochs after each step (see femtocc.passes.finetune)
     finetune_lr: float = 5e-5
+    heldout: bool = False  # also measure each layer's error on held-out calibration speakers (see calibrate)
 
     def check(self) -> Pattern:
         if self.method not in METHODS:
@@ -143,6 +145,17 @@ def _global_sparsities(weights: dict[str, np.ndarray], cfg: PruneConfig, pattern
     return allocation(high)
 
 
+def _heldout_error(w, new, name: str, hessians: Hessians, sparsity: float, pattern: Pattern, cfg: PruneConfig,
+                   damping: float | None) -> float:
+    """The layer's relative error on the held-out speakers' H, pruned without them: OBS reruns on the
+    other speakers' H (same damping); a magnitude mask does not depend on the data."""
+    held = hessians.heldout_matrices[name]
+    if cfg.method != "obs":
+        return relative_error(w, new, held)
+    r = obs_prune(w, hessians.fit_matrix(name), sparsity, pattern, damping, cfg.block, cfg.refit_iterations)
+    return relative_error(w, r.weight, held)
+
+
 def weights_digest(model) -> str:
     """SHA-256 over every parameter's name and bytes: a pruned model's identity for export caches."""
     import hashlib
@@ -178,10 +191,12 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
 
     timings = {}
     t = time.perf_counter()
-    if hessians is None or cfg.sequential:
+    if cfg.heldout and not calib:
+        raise FemtoccError("a held-out error needs calibration utterances")
+    if hessians is None or cfg.sequential or (cfg.heldout and not hessians.heldout_matrices):
         if cfg.method == "obs" and not calib:
             raise FemtoccError("OBS pruning needs calibration utterances")
-        hessians = collect_hessians(pruned, calib, layers, progress) if calib else None
+        hessians = collect_hessians(pruned, calib, layers, progress, heldout=cfg.heldout) if calib else None
     timings["calibration_s"] = time.perf_counter() - t
 
     weights = {n: weight_matrix(m) for n, m in layers.items()}
@@ -198,7 +213,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
             t_cal = time.perf_counter()
             tokens = dense_transcripts(bundle, calib)
             stage_layers = {n: layers[n] for n in stage}
-            hessians.matrices.update(collect_hessians(pruned, calib, stage_layers, dense_tokens=tokens).matrices)
+            hessians.update(collect_hessians(pruned, calib, stage_layers, dense_tokens=tokens, heldout=cfg.heldout))
             timings["calibration_s"] += time.perf_counter() - t_cal
         for name in stage:
             w = weight_matrix(layers[name])
@@ -211,6 +226,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
                 new, damping = np.where(mask, 0.0, w).astype(np.float32), None
                 error = relative_error(w, new, hessians.matrices[name]) if hessians else None
                 unrefit = error
+            heldout = _heldout_error(w, new, name, hessians, targets[name], pattern, cfg, damping) if cfg.heldout else None
             _store(layers[name], new)
             per_layer[name] = {
                 "shape": list(w.shape),
@@ -220,12 +236,15 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
                 "target": targets[name],
                 "relative_error": error,
                 "relative_error_before_refit": unrefit,
+                "heldout_error": heldout,
                 "damping": damping,
             }
     timings["pruning_s"] = time.perf_counter() - t
     total = sum(p["params"] for p in per_layer.values())
     nnz = sum(p["nnz"] for p in per_layer.values())
     dampings = sorted({p["damping"] for p in per_layer.values() if p["damping"] is not None})
+    errors = [p["relative_error"] for p in per_layer.values() if p["relative_error"] is not None]
+    heldout = [p["heldout_error"] for p in per_layer.values() if p["heldout_error"] is not None]
     report = {
         "config": {**asdict(cfg), "pattern": pattern.name},
         "calibration_utterances": len(calib) if calib else 0,
@@ -234,6 +253,8 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
         "sparsity": 1 - nnz / total,
         "model_params": int(sum(p.numel() for p in pruned.model.parameters())),
         "dampings_used": dampings,
+        "mean_relative_error": float(np.mean(errors)) if errors else None,
+        "mean_heldout_error": float(np.mean(heldout)) if heldout else None,
         "seconds": time.perf_counter() - start,
         **timings,
         "layers": per_layer,
@@ -260,7 +281,8 @@ def prune_and_finetune(bundle, cfg: PruneConfig, calib, progress: bool = False):
     model, report, rounds = bundle, None, []
     for i in range(1, cfg.steps + 1):
         step = replace(cfg, sparsity=cfg.sparsity * i / cfg.steps, steps=1, finetune_epochs=0)
-        hessians = collect_hessians(model, calib, dense_tokens=tokens, progress=progress) if model is not bundle else None
+        hessians = collect_hessians(model, calib, dense_tokens=tokens, progress=progress, heldout=cfg.heldout) \
+            if model is not bundle else None
         model, report = prune_model(model, step, calib, progress, hessians=hessians)
         tuned = finetune(model, bundle, calib, tokens, cfg.finetune_epochs, cfg.finetune_lr, progress=progress) \
             if cfg.finetune_epochs else None

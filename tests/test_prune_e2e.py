@@ -12,7 +12,7 @@ from femtocc.cli import main
 def pruned_dir(tmp_path_factory, tiny, dev_data):
     out = tmp_path_factory.mktemp("pruned") / "tiny-obs-20"
     assert main(["prune", "whisper-tiny.en", "--calib", str(dev_data), "--calib-limit", "4",
-                 "--sparsity", "0.2", "--pattern", "pencil8", "-o", str(out), "--quiet"]) == 0
+                 "--sparsity", "0.2", "--pattern", "pencil8", "--heldout", "-o", str(out), "--quiet"]) == 0
     return out
 
 
@@ -30,6 +30,10 @@ def test_prune_writes_a_loadable_model_with_report(pruned_dir):
     assert mask_follows(fc1 == 0, parse_pattern("pencil8")) and abs((fc1 == 0).mean() - 0.2) < 0.01
     emb = bundle.model.model.decoder.embed_tokens.weight.detach().numpy()
     assert (emb == 0).mean() < 0.001  # the embedding is not pruned
+    # --heldout: 2 utterances fit, 2 speakers held out; the decoder's few tokens overfit
+    held = [r["heldout_error"] for r in report["layers"].values()]
+    assert all(np.isfinite(e) and e >= 0 for e in held)
+    assert report["mean_heldout_error"] > report["mean_relative_error"] > 0
 
 
 def test_pruned_model_in_ir_carries_encodings(pruned_dir):
@@ -69,6 +73,7 @@ def test_prune_cli_errors(capsys, dev_data, tmp_path):
         (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
         (["--layers", "nothing-matches-this"], "matches no prunable layer"),
         (["--pattern", "2:4", "--allocation", "global"], "global allocation has nothing to allocate"),
+        (["--heldout"], "at least 2 speakers, got 1"),
     ]:
         code = main(["prune", "whisper-tiny.en", "--calib", str(dev_data), "--calib-limit", "1", "-o", str(tmp_path / "x"), "--quiet", *argv])
         err = capsys.readouterr().err

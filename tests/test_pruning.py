@@ -96,6 +96,28 @@ def test_singular_hessian_is_damped_and_dead_inputs_pruned():
         obs_prune(w, -np.eye(64), 0.5, parse_pattern("unstructured"), damping=0.0)
 
 
+def test_heldout_part_of_the_hessian_and_speaker_halves():
+    from femtocc.data import Utterance
+    from femtocc.passes.calibrate import Hessians, heldout_speakers
+
+    _, _, x = layer(rows=8, cols=16, samples=30)
+    fit, held = x[:18], x[18:]
+    h = Hessians({"l": 2 * x.T @ x / 30}, {"l": 30}, 4, {"l": 2 * held.T @ held / 12}, {"l": 12})
+    assert np.allclose(h.fit_matrix("l"), 2 * fit.T @ fit / 18)
+    utts = [Utterance(f"u{i}", None, "", s) for i, s in enumerate("cabab")]
+    assert heldout_speakers(utts) == {"b"}
+    with pytest.raises(FemtoccError, match="at least 2 speakers, got 1"):
+        heldout_speakers(utts[:1])
+
+
+def test_overfit_shows_on_heldout_samples():
+    # 12 samples for 64 inputs: OBS fits the calibration samples far better than new ones
+    w, _, x = layer(rows=32, cols=64, samples=112)
+    fit, held = x[:12], x[12:]
+    r = obs_prune(w, 2 * fit.T @ fit / 12, 0.5, parse_pattern("unstructured"))
+    assert relative_error(w, r.weight, 2 * held.T @ held / 100) > 3 * r.error
+
+
 def test_global_magnitude_threshold():
     w = np.array([[0.1, -2.0, 0.3, 4.0]], np.float32)
     m = magnitude_mask(w, 0.0, parse_pattern("unstructured"), threshold=0.3)
