@@ -30,20 +30,24 @@ from pathlib import Path
 
 from common import header, write_result
 
+from femtocc.passes.obs import ADMM_ITERATIONS
+
 GRIDS = {
-    # (method, allocation, pattern): sparsities
-    ("mp-local", "uniform", "unstructured"): [0.1, 0.2, 0.3, 0.4],
-    ("mp-global", "global", "unstructured"): [0.1, 0.2, 0.3, 0.4],
-    ("obs", "uniform", "unstructured"): [0.3, 0.4, 0.45, 0.5, 0.55, 0.6],
-    ("obs", "global", "unstructured"): [0.4, 0.5, 0.6],
-    ("obs", "uniform", "pencil8"): [0.5],
+    # (method, allocation, pattern, ADMM mask search iterations): sparsities
+    ("mp-local", "uniform", "unstructured", 0): [0.1, 0.2, 0.3, 0.4],
+    ("mp-global", "global", "unstructured", 0): [0.1, 0.2, 0.3, 0.4],
+    ("obs", "uniform", "unstructured", 0): [0.3, 0.4, 0.45, 0.5, 0.55, 0.6],
+    ("obs", "uniform", "unstructured", ADMM_ITERATIONS): [0.4, 0.45, 0.5, 0.55],
+    ("obs", "global", "unstructured", 0): [0.4, 0.5, 0.6],
+    ("obs", "uniform", "pencil8", 0): [0.5],
 }
 TOLERANCE = 1.0
 
 
-def label(method: str, allocation: str, pattern: str) -> str:
+def label(method: str, allocation: str, pattern: str, admm_iterations: int = 0) -> str:
     text = method if method != "obs" else f"obs-{allocation}"
-    return text if pattern == "unstructured" else f"{text} {pattern}"
+    text = text if pattern == "unstructured" else f"{text} {pattern}"
+    return f"{text} admm" if admm_iterations else text
 
 
 def usable(rows: list[dict], dense_wer: float) -> dict[str, float]:
@@ -129,20 +133,22 @@ def sweep_model(model: str, args) -> dict:
              if (not args.methods or k[0] in args.methods) and (not args.only or label(*k) in args.only)}
     rows, earlier_commands = earlier_rows(out / f"sweep-{model}.json", {label(*k) for k in grids},
                                           len(evaluation), dense_report["wer"])
-    for (method, allocation, pattern), sparsities in grids.items():
+    for (method, allocation, pattern, admm_iterations), sparsities in grids.items():
         for s in sparsities:
-            cfg = PruneConfig(method=method, sparsity=s, pattern=pattern, allocation=allocation)
+            cfg = PruneConfig(method=method, sparsity=s, pattern=pattern, allocation=allocation,
+                              admm_iterations=admm_iterations)
             pruned, report = prune_model(bundle, cfg, calib, hessians=hessians)
             with tempfile.TemporaryDirectory() as tmp:
                 transcripts = transcribe(pruned, make_backend(pruned, "onnxruntime", export_dir=tmp), evaluation)
             result = score(transcripts, dense_texts)
             row = {
-                "model": model, "label": label(method, allocation, pattern), "method": method,
+                "model": model, "label": label(method, allocation, pattern, admm_iterations), "method": method,
                 "allocation": allocation, "pattern": pattern, "sparsity": round(report["sparsity"], 4),
                 "wer": round(result["wer"], 3), "agreement_wer": round(result["agreement_wer"], 3),
                 "hit_token_limit": result["hit_token_limit"], "prune_s": round(report["pruning_s"], 2),
                 "dampings": report["dampings_used"],
                 "refit_iterations": cfg.refit_iterations if method == "obs" else None,
+                "admm_iterations": admm_iterations,
                 "utterance_errors": [e for e, _ in utterance_errors([x.reference for x in transcripts],
                                                                    [x.hypothesis for x in transcripts])],
             }

@@ -168,7 +168,8 @@ def cmd_prune(args) -> int:
 
     cfg = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
-        damping=args.damping, refit_iterations=args.refit_iterations, sequential=args.sequential, layers=args.layers,
+        damping=args.damping, refit_iterations=args.refit_iterations, admm_iterations=args.admm_iterations,
+        sequential=args.sequential, layers=args.layers,
         include_embeddings=args.include_embeddings, steps=args.steps, finetune_epochs=args.finetune_epochs,
         heldout=args.heldout,
     )
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_args(p, DEFAULT_PIPELINE)
     p.set_defaults(func=cmd_eval)
 
-    from femtocc.passes.obs import REFIT_ITERATIONS
+    from femtocc.passes.obs import ADMM_ITERATIONS, REFIT_ITERATIONS
     from femtocc.passes.prune import METHODS
 
     p = sub.add_parser("prune", help="prune a model with OBS or magnitude pruning",
@@ -327,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-iterations", type=int, default=REFIT_ITERATIONS, metavar="N",
                    help="OBS: conjugate-gradient iterations that refit the kept weights to the pruned mask "
                         f"(0: SparseGPT's update alone; default {REFIT_ITERATIONS})")
+    p.add_argument("--admm-iterations", type=int, default=0, metavar="N",
+                   help="OBS: search the mask further by ADMM (ALPS-style) on the layers fed by audio frames "
+                        f"(encoder, cross-attention k/v); {ADMM_ITERATIONS} is a good value, minutes per model "
+                        "(default 0: off)")
     p.add_argument("--sequential", action="store_true", help="calibrate each block on the already pruned blocks before it")
     p.add_argument("--heldout", action="store_true",
                    help="also report each layer's error on held-out calibration speakers (every other speaker), "

@@ -15,10 +15,20 @@ over all rows at once, ``O(out * in^2)`` per iteration, ``REFIT_ITERATIONS`` of 
 Whisper's layers it removes about 40 % of the output error that the OBS update leaves (30-75 %
 per layer, unstructured 45 %; see benchmarks/README.md).
 
+Optionally (``admm_iterations``) the mask is searched further, in the manner of ALPS (Meng et
+al. 2024): ADMM splits the weight into a dense copy, fitted exactly through one eigen
+decomposition of the damped H, and a sparse copy, the layer's largest units of the dense one;
+the penalty that ties them grows until the support settles. It starts from the OBS mask, takes
+one budget per layer (rows may differ; pencils by their norm), and the refit finishes it. The
+layer keeps whichever mask, OBS's or ADMM's, leaves the lower error. This fits a layer's
+calibration data more closely than OBS; where that data is thin (decoder layers fed by a few
+thousand tokens) the closer fit does not carry over to new speakers, so the driver runs it on
+well-calibrated layers only (benchmarks/README.md).
+
 Guarantees: the result has exactly the requested number of pruned units in every block
-(unstructured and pencil) or per group (N:M), pruned entries are exactly zero, the mask
-follows the pattern (:func:`femtocc.passes.sparsity.mask_follows`), and the refit never changes
-the mask.
+(unstructured and pencil) or per group (N:M), or with ADMM in the layer; pruned entries are
+exactly zero, the mask follows the pattern (:func:`femtocc.passes.sparsity.mask_follows`), and
+the refit never changes the mask.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from femtocc.passes.sparsity import Pattern
 
 AUTO_DAMPING = (0.01, 0.03, 0.1, 0.3, 1.0)  # tried in order until the damped H factors
 REFIT_ITERATIONS = 25  # the refit converges within this on Whisper's layers (benchmarks/README.md)
+ADMM_ITERATIONS = 150  # what the measurements in benchmarks/README.md used
 
 
 @dataclass
@@ -69,6 +80,7 @@ def _inverse_cholesky(h, damping):
 def obs_prune(
     weight: np.ndarray, hessian: np.ndarray, sparsity: float, pattern: Pattern,
     damping: float | None = None, block: int = 128, refit_iterations: int = REFIT_ITERATIONS,
+    admm_iterations: int = 0,
 ) -> LayerResult:
     import torch
 
@@ -139,7 +151,47 @@ def obs_prune(
         W = _refit(W0, W.to(torch.float32), ~mask, H.to(torch.float32), lam, refit_iterations)
     out = W.to(torch.float32).numpy()
     error = relative_error(weight, out, hessian) if refit_iterations else unrefit
+    if admm_iterations and refit_iterations and mask.any():
+        if pattern.kind == "nm":
+            raise FemtoccError("the ADMM mask search is for unstructured and pencil patterns, not N:M")
+        keep = _admm_keep(W0 * ~dead.unsqueeze(0), H, ~mask, pattern, lam, admm_iterations)
+        searched = _refit(W0, W0 * keep, keep, H.to(torch.float32), lam, refit_iterations)
+        searched_error = relative_error(weight, searched.numpy(), hessian)
+        if searched_error < error:
+            out, mask, error = searched.numpy(), ~keep, searched_error
     return LayerResult(out, mask.numpy(), float(lam), error, unrefit, int(dead.sum()))
+
+
+def _admm_keep(W0, H, keep, pattern: Pattern, damping: float, iterations: int, rho: float = 0.1):
+    """ADMM over ``min tr((W - W0) H' (W - W0)^T)`` keeping as many units as the OBS mask ``keep``,
+    in Jacobi-scaled coordinates (``H'`` to unit diagonal, so ``|w|`` there is a diagonal saliency)."""
+    import torch
+
+    H = H.to(torch.float64)
+    Hd = H + damping * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    g = torch.sqrt(torch.diag(Hd))
+    Hn = Hd / g[:, None] / g[None, :]
+    evals, Q = (t.to(torch.float32) for t in torch.linalg.eigh(Hn))
+    Wn = W0.to(torch.float32) * g[None, :].to(torch.float32)
+    rows, cols = Wn.shape
+    unit = pattern.m if pattern.kind == "pencil" else 1
+    kept_units = int(keep.sum()) // unit
+    pruned = keep.numel() - kept_units * unit
+    B = Wn @ Hn.to(torch.float32)
+    D, V = Wn * keep, torch.zeros_like(Wn)
+    for t in range(iterations):
+        W = ((B - V + rho * D) @ Q) / (evals + rho) @ Q.T
+        Z = W + V / rho
+        score = (Z.reshape(rows // unit, unit, cols) ** 2).sum(1) if unit > 1 else Z.abs()
+        chosen = torch.zeros(score.numel(), dtype=torch.bool)
+        chosen[torch.topk(score.reshape(-1), kept_units).indices] = True
+        new_keep = chosen.reshape(score.shape).repeat_interleave(unit, dim=0)
+        changed, keep = int((new_keep != keep).sum()), new_keep
+        D = Z * keep
+        V = V + rho * (W - D)
+        if t % 3 == 2:  # raise the penalty faster while the support still moves
+            rho *= 1.3 if changed > 0.1 * pruned else (1.2 if changed > 0.005 * pruned else 1.1)
+    return keep
 
 
 def _refit(W0, W, keep, H, damping: float, iterations: int):

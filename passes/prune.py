@@ -12,6 +12,8 @@ kept within ``ALLOCATION_SPREAD`` of the target, so no layer is emptied; ``mp-gl
 classic unbounded magnitude threshold, capped at ``MAX_LAYER_SPARSITY``). ``sequential`` recalibrates each block on the outputs of the
 blocks already pruned before it (costs one calibration pass per block). ``heldout`` adds each
 layer's error on held-out calibration speakers (pruned again without them: one more OBS per layer).
+``admm_iterations`` adds OBS's ADMM mask search on the layers calibrated with at least
+``ADMM_MIN_ROWS_PER_INPUT`` rows per input.
 
 Guarantees: the pruned layers hold exact zeros in the chosen pattern; the overall sparsity over
 pruned parameters equals the target up to rounding (uniform) or the cap (global); the token
@@ -34,6 +36,10 @@ from femtocc.passes.sparsity import Pattern, parse_pattern
 
 METHODS = ("obs", "mp-local", "mp-global")
 MAX_LAYER_SPARSITY = 0.98
+# The ADMM mask search runs where calibration saw this many input rows per input: the encoder and
+# cross-attention k/v (1,500 frames per utterance), not the decoder's token-fed layers, whose
+# closer fit to ~20 tokens per utterance does not carry over to new speakers (benchmarks/README.md).
+ADMM_MIN_ROWS_PER_INPUT = 16
 ALLOCATION_SPREAD = 0.15  # global allocation keeps each layer within target +- this
 
 
@@ -53,6 +59,7 @@ class PruneConfig:
     finetune_epochs: int = 0  # distillation epochs after each step (see femtocc.passes.finetune)
     finetune_lr: float = 5e-5
     heldout: bool = False  # also measure each layer's error on held-out calibration speakers (see calibrate)
+    admm_iterations: int = 0  # OBS: ADMM mask search on well-calibrated layers (see obs; 0: off)
 
     def check(self) -> Pattern:
         if self.method not in METHODS:
@@ -68,6 +75,10 @@ class PruneConfig:
             self.sparsity = pattern.fixed_sparsity
         if self.refit_iterations < 0:
             raise FemtoccError(f"refit iterations must be >= 0, got {self.refit_iterations}")
+        if self.admm_iterations < 0:
+            raise FemtoccError(f"ADMM iterations must be >= 0, got {self.admm_iterations}")
+        if self.admm_iterations and (self.method != "obs" or pattern.kind == "nm" or not self.refit_iterations):
+            raise FemtoccError("the ADMM mask search is for OBS with the refit on, unstructured or pencil patterns")
         if self.steps < 1 or self.finetune_epochs < 0:
             raise FemtoccError(f"steps must be >= 1 and finetune epochs >= 0, got {self.steps}, {self.finetune_epochs}")
         if self.steps > 1 and (pattern.kind == "nm" or self.method != "obs"):
@@ -146,13 +157,14 @@ def _global_sparsities(weights: dict[str, np.ndarray], cfg: PruneConfig, pattern
 
 
 def _heldout_error(w, new, name: str, hessians: Hessians, sparsity: float, pattern: Pattern, cfg: PruneConfig,
-                   damping: float | None) -> float:
+                   damping: float | None, admm_iterations: int) -> float:
     """The layer's relative error on the held-out speakers' H, pruned without them: OBS reruns on the
     other speakers' H (same damping); a magnitude mask does not depend on the data."""
     held = hessians.heldout_matrices[name]
     if cfg.method != "obs":
         return relative_error(w, new, held)
-    r = obs_prune(w, hessians.fit_matrix(name), sparsity, pattern, damping, cfg.block, cfg.refit_iterations)
+    r = obs_prune(w, hessians.fit_matrix(name), sparsity, pattern, damping, cfg.block, cfg.refit_iterations,
+                  admm_iterations)
     return relative_error(w, r.weight, held)
 
 
@@ -218,15 +230,18 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
         for name in stage:
             w = weight_matrix(layers[name])
             if cfg.method == "obs":
+                search = cfg.admm_iterations if hessians.rows[name] >= ADMM_MIN_ROWS_PER_INPUT * w.shape[1] else 0
                 r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block,
-                              cfg.refit_iterations)
+                              cfg.refit_iterations, search)
                 new, damping, error, unrefit = r.weight, r.damping, r.error, r.unrefit_error
             else:
+                search = 0
                 mask = magnitude_mask(w, targets[name], pattern)
                 new, damping = np.where(mask, 0.0, w).astype(np.float32), None
                 error = relative_error(w, new, hessians.matrices[name]) if hessians else None
                 unrefit = error
-            heldout = _heldout_error(w, new, name, hessians, targets[name], pattern, cfg, damping) if cfg.heldout else None
+            heldout = _heldout_error(w, new, name, hessians, targets[name], pattern, cfg, damping, search) \
+                if cfg.heldout else None
             _store(layers[name], new)
             per_layer[name] = {
                 "shape": list(w.shape),
@@ -237,6 +252,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
                 "relative_error": error,
                 "relative_error_before_refit": unrefit,
                 "heldout_error": heldout,
+                "admm_iterations": search,
                 "damping": damping,
             }
     timings["pruning_s"] = time.perf_counter() - t

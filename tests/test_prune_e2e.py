@@ -74,6 +74,8 @@ def test_prune_cli_errors(capsys, dev_data, tmp_path):
         (["--layers", "nothing-matches-this"], "matches no prunable layer"),
         (["--pattern", "2:4", "--allocation", "global"], "global allocation has nothing to allocate"),
         (["--heldout"], "at least 2 speakers, got 1"),
+        (["--admm-iterations", "10", "--pattern", "2:4"], "ADMM mask search is for OBS with the refit on"),
+        (["--admm-iterations", "-1"], "ADMM iterations must be >= 0"),
     ]:
         code = main(["prune", "whisper-tiny.en", "--calib", str(dev_data), "--calib-limit", "1", "-o", str(tmp_path / "x"), "--quiet", *argv])
         err = capsys.readouterr().err

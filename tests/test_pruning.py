@@ -96,6 +96,19 @@ def test_singular_hessian_is_damped_and_dead_inputs_pruned():
         obs_prune(w, -np.eye(64), 0.5, parse_pattern("unstructured"), damping=0.0)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "pencil8"])
+def test_admm_mask_search_keeps_the_count_and_lowers_the_error(pattern):
+    w, h, _ = layer(rows=32, cols=96, samples=2000)
+    p = parse_pattern(pattern)
+    plain = obs_prune(w, h, 0.6, p)
+    searched = obs_prune(w, h, 0.6, p, admm_iterations=60)
+    assert searched.mask.sum() == plain.mask.sum() and mask_follows(searched.mask, p)
+    assert np.all(searched.weight[searched.mask] == 0)
+    assert searched.error < 0.95 * plain.error
+    with pytest.raises(FemtoccError, match="not N:M"):
+        obs_prune(w, h, 0.5, parse_pattern("2:4"), admm_iterations=10)
+
+
 def test_heldout_part_of_the_hessian_and_speaker_halves():
     from femtocc.data import Utterance
     from femtocc.passes.calibrate import Hessians, heldout_speakers
