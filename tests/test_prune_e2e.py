@@ -103,3 +103,17 @@ def test_sequential_recalibrates_each_block(tiny, dev_utts, monkeypatch):
     assert abs(report["sparsity"] - 0.3) < 0.001 and len(report["layers"]) == 4
     # the dense model itself is untouched
     assert (tiny.model.model.encoder.layers[1].fc1.weight == 0).float().mean() < 0.01
+
+
+def test_admm_runs_on_frame_fed_layers_only(tiny, dev_utts):
+    from femtocc.passes.prune import PruneConfig, prune_model
+    from femtocc.passes.sparsity import mask_follows, parse_pattern
+
+    cfg = PruneConfig(sparsity=0.5, pattern="pencil8", admm_iterations=5,
+                      layers=r"encoder\.layers\.0\.fc1|decoder\.layers\.0\.fc1")
+    pruned, report = prune_model(tiny, cfg, dev_utts[:5])  # 7,500 frames for 384 inputs; ~100 tokens
+    layers = report["layers"]
+    assert layers["encoder.layers.0.fc1"]["admm_iterations"] == 5
+    assert layers["decoder.layers.0.fc1"]["admm_iterations"] == 0
+    fc1 = pruned.model.model.encoder.layers[0].fc1.weight.detach().numpy()
+    assert mask_follows(fc1 == 0, parse_pattern("pencil8")) and (fc1 == 0).mean() == 0.5
