@@ -252,7 +252,8 @@ def main() -> int:
     if args.compare:
         result = compare(*args.compare, args.line)
         print(json.dumps(result, indent=1))
-        path = Path(args.out) / f"compare-{result['models'][0]}-{result['models'][1]}.json"
+        line = "" if args.line == "obs-uniform" else "-" + args.line.replace(" ", "-")
+        path = Path(args.out) / f"compare-{result['models'][0]}-{result['models'][1]}{line}.json"
         write_result(path, result)
         print(f"wrote {path}")
         return 0
