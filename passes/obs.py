@@ -63,13 +63,18 @@ def relative_error(w: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> float:
     return float(((D @ H) * D).sum().item() / total) if total > 0 else 0.0
 
 
+def damped(h, damping: float):
+    """``H + damping * mean(diag H) * I`` (torch): the damped Hessian every OBS solve uses."""
+    import torch
+
+    return h + damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+
+
 def _inverse_cholesky(h, damping):
     """Upper Cholesky factor of (H + damping * mean(diag H) I)^-1, or None if not positive definite."""
     import torch
 
-    n = h.shape[0]
-    damped = h + damping * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
-    chol, info = torch.linalg.cholesky_ex(damped)
+    chol, info = torch.linalg.cholesky_ex(damped(h, damping))
     if info.item():
         return None
     inv = torch.cholesky_inverse(chol)
@@ -167,8 +172,7 @@ def _admm_keep(W0, H, keep, pattern: Pattern, damping: float, iterations: int, r
     in Jacobi-scaled coordinates (``H'`` to unit diagonal, so ``|w|`` there is a diagonal saliency)."""
     import torch
 
-    H = H.to(torch.float64)
-    Hd = H + damping * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    Hd = damped(H.to(torch.float64), damping)
     g = torch.sqrt(torch.diag(Hd))
     Hn = Hd / g[:, None] / g[None, :]
     evals, Q = (t.to(torch.float32) for t in torch.linalg.eigh(Hn))
@@ -201,7 +205,7 @@ def _refit(W0, W, keep, H, damping: float, iterations: int):
     starting from the OBS weights (one ``[out, in] x [in, in]`` product per iteration)."""
     import torch
 
-    Hd = H + damping * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    Hd = damped(H, damping)
     M = keep.to(W.dtype)
     inv_diag = 1.0 / torch.diag(Hd)
     R = M * ((W0 - W) @ Hd)  # b - A W with A X = M * (X H'), b = M * (W0 H')

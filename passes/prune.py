@@ -31,7 +31,7 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 from femtocc.passes.calibrate import Hessians, collect_hessians, dense_transcripts, prunable_layers
-from femtocc.passes.obs import REFIT_ITERATIONS, magnitude_mask, obs_prune, relative_error, unit_scores
+from femtocc.passes.obs import REFIT_ITERATIONS, damped, magnitude_mask, obs_prune, relative_error, unit_scores
 from femtocc.passes.sparsity import Pattern, parse_pattern
 
 METHODS = ("obs", "mp-local", "mp-global")
@@ -40,6 +40,12 @@ MAX_LAYER_SPARSITY = 0.98
 # cross-attention k/v (1,500 frames per utterance), not the decoder's token-fed layers, whose
 # closer fit to ~20 tokens per utterance does not carry over to new speakers (benchmarks/README.md).
 ADMM_MIN_ROWS_PER_INPUT = 16
+
+
+def well_calibrated(rows: int, inputs: int) -> bool:
+    """Whether a layer's calibration saw enough input rows for a closer fit to carry over to new
+    speakers (the layers fed by audio frames): where the ADMM mask search runs."""
+    return rows >= ADMM_MIN_ROWS_PER_INPUT * inputs
 ALLOCATION_SPREAD = 0.15  # global allocation keeps each layer within target +- this
 
 
@@ -118,9 +124,7 @@ def _global_sparsities(weights: dict[str, np.ndarray], cfg: PruneConfig, pattern
     scores = {}
     for name, w in weights.items():
         if cfg.method == "obs":
-            H = torch.from_numpy(hessians.matrices[name])
-            n = H.shape[0]
-            H = H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+            H = damped(torch.from_numpy(hessians.matrices[name]), 0.01)
             hinv_diag = torch.diag(torch.linalg.inv(H)).numpy()
             w64 = w.astype(np.float64)
             energy = float(((w64 @ hessians.matrices[name]) * w64).sum())
@@ -230,7 +234,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
         for name in stage:
             w = weight_matrix(layers[name])
             if cfg.method == "obs":
-                search = cfg.admm_iterations if hessians.rows[name] >= ADMM_MIN_ROWS_PER_INPUT * w.shape[1] else 0
+                search = cfg.admm_iterations if well_calibrated(hessians.rows[name], w.shape[1]) else 0
                 r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block,
                               cfg.refit_iterations, search)
                 new, damping, error, unrefit = r.weight, r.damping, r.error, r.unrefit_error

@@ -21,7 +21,7 @@ from femtocc.decode import greedy_decode, token_limit, torch_graph_backend
 from femtocc.frontend.whisper import load_whisper
 from femtocc.passes.calibrate import _features, collect_hessians, dense_transcripts, heldout_speakers, prunable_layers
 from femtocc.passes.obs import obs_prune, relative_error
-from femtocc.passes.prune import weight_matrix
+from femtocc.passes.prune import weight_matrix, well_calibrated
 from femtocc.passes.sparsity import parse_pattern
 
 
@@ -59,7 +59,7 @@ for name, module in layers.items():
     w = weight_matrix(module)
     row = [relative_error(w, obs_prune(w, h.matrices[name], sparsity, pattern).weight, target.matrices[name])
            for h in (plain, augmented)]
-    errors["token-fed" if plain.rows[name] < 20 * len(fit) else "frame-fed"].append(row)
+    errors["frame-fed" if well_calibrated(plain.rows[name], w.shape[1]) else "token-fed"].append(row)
 for kind, rows in errors.items():
     mean = np.mean(rows, axis=0)
     print(json.dumps({"model": model, "sparsity": sparsity, "kind": kind, "layers": len(rows),

@@ -21,7 +21,7 @@ from femtocc.data import load_dataset, split_by_speaker
 from femtocc.frontend.whisper import load_whisper
 from femtocc.passes.calibrate import collect_hessians, prunable_layers
 from femtocc.passes.obs import obs_prune, relative_error
-from femtocc.passes.prune import weight_matrix
+from femtocc.passes.prune import weight_matrix, well_calibrated
 from femtocc.passes.sparsity import parse_pattern
 
 GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -47,7 +47,7 @@ for name, module in layers.items():
         errors[lam] = (r.error, relative_error(w, r.weight, held_h))
     best[name] = min(GRID, key=lambda lam: errors[lam][1])
     fit_rows = H.rows[name] - H.heldout_rows[name]
-    kinds["token-fed" if fit_rows < 20 * H.utterances else "frame-fed"].append(errors)
+    kinds["frame-fed" if well_calibrated(fit_rows, w.shape[1]) else "token-fed"].append(errors)
     print(json.dumps({"layer": name, "fit_rows": fit_rows, "best": best[name],
                       "fit_and_heldout": {str(k): [round(e, 6) for e in v] for k, v in errors.items()}}), flush=True)
 for kind, rows in kinds.items():
