@@ -60,16 +60,18 @@ def usable(rows: list[dict], dense_wer: float) -> dict[str, float]:
     return best
 
 
-def earlier_rows(path: Path, rerun: set[str], evaluation_utterances: int, dense_wer: float) -> tuple[list[dict], list[str]]:
-    """The rows of an earlier sweep of the same evaluation set whose grid lines are not rerun, and
-    the commands that made them, so a sweep restricted with --only or --methods updates its lines
-    and keeps the others."""
+def earlier_rows(path: Path, rerun: dict[str, list[float]], evaluation_utterances: int,
+                 dense_wer: float) -> tuple[list[dict], list[str]]:
+    """The rows of an earlier sweep of the same evaluation set that this sweep does not rerun
+    (``rerun``: line label -> sparsities), and the commands that made them, so a sweep restricted
+    with --only, --methods or --grid updates its points and keeps the others."""
     if not path.is_file():
         return [], []
     earlier = json.loads(path.read_text())
     if earlier["evaluation_utterances"] != evaluation_utterances or abs(earlier["dense"]["wer"] - dense_wer) > 1e-9:
         return [], []
-    kept = [r for r in earlier["rows"] if r["label"] not in rerun]
+    kept = [r for r in earlier["rows"]
+            if not any(abs(r["sparsity"] - x) < 1e-3 for x in rerun.get(r["label"], []))]
     return kept, (earlier.get("earlier_commands", []) + [earlier["command"]]) if kept else []
 
 
@@ -114,7 +116,7 @@ def sweep_model(model: str, args) -> dict:
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.calibrate import collect_hessians, prunable_layers
     from femtocc.passes.prune import PruneConfig, prune_model
-    from femtocc.wer import utterance_errors
+    from femtocc.wer import normalize, utterance_errors
 
     bundle = load_whisper(model)
     calib, evaluation = split_by_speaker(load_dataset(args.data))
@@ -126,12 +128,13 @@ def sweep_model(model: str, args) -> dict:
     dense_report = score(dense)
     dense_texts = {x.id: x.hypothesis for x in dense}
     dense_per = utterance_errors([x.reference for x in dense], [x.hypothesis for x in dense])
+    dense_words = [len(normalize(x.hypothesis).split()) for x in dense]  # the agreement WER's denominators
     print(f"{model}: dense WER {dense_report['wer']:.2f} on {len(evaluation)} utterances; "
           f"calibration on {len(calib)} utterances took {calib_s:.0f} s", flush=True)
     out = Path(args.out)
     grids = {k: v for k, v in GRIDS.items()
              if (not args.methods or k[0] in args.methods) and (not args.only or label(*k) in args.only)}
-    rows, earlier_commands = earlier_rows(out / f"sweep-{model}.json", {label(*k) for k in grids},
+    rows, earlier_commands = earlier_rows(out / f"sweep-{model}.json", {label(*k): v for k, v in grids.items()},
                                           len(evaluation), dense_report["wer"])
     for (method, allocation, pattern, admm_iterations), sparsities in grids.items():
         for s in sparsities:
@@ -151,6 +154,9 @@ def sweep_model(model: str, args) -> dict:
                 "admm_iterations": admm_iterations,
                 "utterance_errors": [e for e, _ in utterance_errors([x.reference for x in transcripts],
                                                                    [x.hypothesis for x in transcripts])],
+                # against the dense model's transcript; its words are "dense_utterance_words"
+                "utterance_agreement_errors": [e for e, _ in utterance_errors(
+                    [dense_texts[x.id] for x in transcripts], [x.hypothesis for x in transcripts])],
             }
             rows.append(row)
             print(f"  {row['label']:<28} sparsity {row['sparsity']:.3f}  WER {row['wer']:6.2f}  "
@@ -165,6 +171,7 @@ def sweep_model(model: str, args) -> dict:
                 "utterance_ids": [u.id for u in evaluation],  # the order of every utterance list below
                 "utterance_words": [w for _, w in dense_per],
                 "dense_utterance_errors": [e for e, _ in dense_per],
+                "dense_utterance_words": dense_words,
                 "tolerance": TOLERANCE,
                 "max_sparsity_within_tolerance": usable(rows, dense_report["wer"]),
                 "rows": rows,
@@ -199,6 +206,26 @@ def usable_bootstrap(summary: dict, name: str, draws):
     return best
 
 
+def agreement_bootstrap(a: dict, b: dict, name: str, draws) -> dict:
+    """At each sparsity both sweeps ran on line ``name``: each model's agreement WER (its pruned
+    transcripts against its own dense transcripts) and how often, over the resamples, the second
+    model's is the lower. A model whose transcripts change less under pruning is the one with room
+    to prune further; unlike the +1.0 criterion this does not hinge on grid points or references."""
+    import numpy as np
+
+    def curve(summary):
+        if "dense_utterance_words" not in summary:
+            return {}
+        words = draws @ np.asarray(summary["dense_utterance_words"], dtype=float)
+        return {round(r["sparsity"], 3): 100 * (draws @ np.asarray(r["utterance_agreement_errors"], dtype=float)) / words
+                for r in summary["rows"] if r["label"] == name and "utterance_agreement_errors" in r}
+
+    ca, cb = curve(a), curve(b)
+    return {f"{s:.3f}": {a["model"]: round(float(ca[s].mean()), 3), b["model"]: round(float(cb[s].mean()), 3),
+                         f"P({b['model']} lower)": round(float(np.mean(cb[s] < ca[s])), 4)}
+            for s in sorted(set(ca) & set(cb))}
+
+
 def compare(first: str, second: str, name: str, resamples: int = 2000, seed: int = 0) -> dict:
     """Paired bootstrap over the evaluation utterances of two models' sweeps: how often the second
     model's highest sparsity within +1.0 of its dense WER exceeds, equals or trails the first's."""
@@ -215,10 +242,11 @@ def compare(first: str, second: str, name: str, resamples: int = 2000, seed: int
 
     def spread(u):
         values, counts = np.unique(u, return_counts=True)
-        return {f"{v:.2f}": round(c / resamples, 4) for v, c in zip(values, counts)}
+        return {f"{v:.3f}": round(c / resamples, 4) for v, c in zip(values, counts)}
 
     return {
         "line": name, "resamples": resamples, "seed": seed,
+        "agreement": agreement_bootstrap(a, b, name, draws),
         "models": [a["model"], b["model"]],
         "measured": [usable(a["rows"], a["dense"]["wer"]).get(name), usable(b["rows"], b["dense"]["wer"]).get(name)],
         "bootstrap": {a["model"]: spread(ua), b["model"]: spread(ub)},
