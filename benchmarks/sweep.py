@@ -8,13 +8,15 @@ export it to ONNX and transcribe the evaluation part with onnxruntime. Writes, p
 ``sweep-MODEL.json`` and ``.csv`` (after every point, so a partial sweep is kept) and
 ``sweep-MODEL.png`` (WER against sparsity, one line per method, dense WER marked), and reports
 for each method the highest sparsity whose WER stays within +1.0 absolute of dense. A sweep
-restricted to some grid lines (--only, --methods) replaces those lines in the earlier results of
-the same evaluation set and keeps the rest. Each row keeps its errors per utterance, so that
+restricted to some grid lines or points (--only, --methods, --grid) replaces those points in the
+earlier results of the same evaluation set and keeps the rest. Each row keeps its errors per
+utterance, against the references and against the dense transcripts, so that
 
     python benchmarks/sweep.py --compare sweep-A.json sweep-B.json [--line obs-uniform]
 
 can resample the evaluation utterances (a paired bootstrap) and say how often model B's highest
-sparsity within +1.0 exceeds model A's: one runaway utterance moves a WER by ~0.8 here.
+sparsity within +1.0 exceeds model A's (one runaway utterance moves a WER by ~0.8 here), and at
+each sparsity both ran, how often B's agreement WER is the lower.
 """
 
 from __future__ import annotations
