@@ -188,7 +188,7 @@ def sweep_model(model: str, args) -> dict:
     plot(rows, dense_report["wer"], model, out / f"sweep-{model}.png")
     best = usable(rows, dense_report["wer"])
     for name, s in best.items():
-        print(f"  {model}: {name:<28} highest sparsity within +{TOLERANCE} WER: {s:.2f}")
+        print(f"  {model}: {name:<28} highest sparsity within +{TOLERANCE} WER: {s:.3f}")
     return best
 
 
@@ -211,8 +211,8 @@ def usable_bootstrap(summary: dict, name: str, draws):
 def agreement_bootstrap(a: dict, b: dict, name: str, draws) -> dict:
     """At each sparsity both sweeps ran on line ``name``: each model's agreement WER (its pruned
     transcripts against its own dense transcripts) and how often, over the resamples, the second
-    model's is the lower. A model whose transcripts change less under pruning is the one with room
-    to prune further; unlike the +1.0 criterion this does not hinge on grid points or references."""
+    model's is the lower: which model pruning perturbs less. Unlike the +1.0 criterion it does not
+    hinge on grid points or on references, but it is not WER: changes can also repair errors."""
     import numpy as np
 
     def curve(summary):
