@@ -16,7 +16,10 @@ utterance, against the references and against the dense transcripts, so that
 
 can resample the evaluation utterances (a paired bootstrap) and say how often model B's highest
 sparsity within +1.0 exceeds model A's (one runaway utterance moves a WER by ~0.8 here), and at
-each sparsity both ran, how often B's agreement WER is the lower.
+each sparsity both ran, how often B's agreement WER is the lower. With --swap-split a sweep
+calibrates on the evaluation speakers and evaluates on the calibration speakers
+(``sweep-MODEL-swapped.*``); ``--compare A.json+A-swapped.json B.json+B-swapped.json`` pools the
+two folds, so that every utterance of the dev set is evaluated by a model that did not see it.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ def sweep_model(model: str, args) -> dict:
 
     bundle = load_whisper(model)
     calib, evaluation = split_by_speaker(load_dataset(args.data))
+    if args.swap_split:  # the second fold of a two-fold cross-evaluation
+        calib, evaluation = evaluation, calib
+    name = f"sweep-{model}{'-swapped' if args.swap_split else ''}"
     evaluation = evaluation[: args.eval_limit] if args.eval_limit else evaluation
     t = time.perf_counter()
     hessians = collect_hessians(bundle, calib, prunable_layers(bundle.model))
@@ -136,7 +142,7 @@ def sweep_model(model: str, args) -> dict:
     out = Path(args.out)
     grids = {k: v for k, v in GRIDS.items()
              if (not args.methods or k[0] in args.methods) and (not args.only or label(*k) in args.only)}
-    rows, earlier_commands = earlier_rows(out / f"sweep-{model}.json", {label(*k): v for k, v in grids.items()},
+    rows, earlier_commands = earlier_rows(out / f"{name}.json", {label(*k): v for k, v in grids.items()},
                                           len(evaluation), dense_report["wer"])
     for (method, allocation, pattern, admm_iterations), sparsities in grids.items():
         for s in sparsities:
@@ -178,14 +184,14 @@ def sweep_model(model: str, args) -> dict:
                 "max_sparsity_within_tolerance": usable(rows, dense_report["wer"]),
                 "rows": rows,
             }
-            with atomic_write(out / f"sweep-{model}.json", "w") as f:
+            with atomic_write(out / f"{name}.json", "w") as f:
                 json.dump(summary, f, indent=1)
-            with atomic_write(out / f"sweep-{model}.csv", "w") as f:
+            with atomic_write(out / f"{name}.csv", "w") as f:
                 w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r if k != "utterance_errors")),
                                    extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
-    plot(rows, dense_report["wer"], model, out / f"sweep-{model}.png")
+    plot(rows, dense_report["wer"], model, out / f"{name}.png")
     best = usable(rows, dense_report["wer"])
     for name, s in best.items():
         print(f"  {model}: {name:<28} highest sparsity within +{TOLERANCE} WER: {s:.3f}")
@@ -228,12 +234,35 @@ def agreement_bootstrap(a: dict, b: dict, name: str, draws) -> dict:
             for s in sorted(set(ca) & set(cb))}
 
 
+def load_sweep(spec: str) -> dict:
+    """A sweep JSON, or "A.json+B.json": two sweeps of the same model on disjoint evaluation
+    utterances (the two folds of --swap-split) pooled into one, at the points both ran."""
+    first, *rest = (json.loads(Path(p).read_text()) for p in spec.split("+"))
+    for other in rest:
+        if other["model"] != first["model"] or set(other["utterance_ids"]) & set(first["utterance_ids"]):
+            raise SystemExit(f"compare {spec}: pooled sweeps must be of one model on disjoint utterances")
+        lists = ("utterance_ids", "utterance_words", "dense_utterance_errors", "dense_utterance_words")
+        pooled = {**first, **{k: first[k] + other[k] for k in lists if k in first and k in other}}
+        pooled["dense"] = {"wer": 100 * sum(pooled["dense_utterance_errors"]) / sum(pooled["utterance_words"])}
+        theirs = {(r["label"], round(r["sparsity"], 3)): r for r in other["rows"]}
+        pooled["rows"] = []
+        for r in first["rows"]:
+            o = theirs.get((r["label"], round(r["sparsity"], 3)))
+            if o is None or "utterance_errors" not in r or "utterance_errors" not in o:
+                continue
+            row = {**r, **{k: r[k] + o[k] for k in ("utterance_errors", "utterance_agreement_errors") if k in r and k in o}}
+            row["wer"] = 100 * sum(row["utterance_errors"]) / sum(pooled["utterance_words"])
+            pooled["rows"].append(row)
+        first = pooled
+    return first
+
+
 def compare(first: str, second: str, name: str, resamples: int = 2000, seed: int = 0) -> dict:
     """Paired bootstrap over the evaluation utterances of two models' sweeps: how often the second
     model's highest sparsity within +1.0 of its dense WER exceeds, equals or trails the first's."""
     import numpy as np
 
-    a, b = (json.loads(Path(p).read_text()) for p in (first, second))
+    a, b = load_sweep(first), load_sweep(second)
     if a.get("utterance_ids") is None or a.get("utterance_ids") != b.get("utterance_ids"):
         raise SystemExit("compare: both sweeps need per-utterance errors on the same evaluation utterances")
     n = len(a["utterance_ids"])
@@ -277,12 +306,16 @@ def main() -> int:
                     help="replace a grid line, e.g. obs-uniform=0.5,0.6,0.7 or 'mp-local=0.2,0.3'")
     ap.add_argument("--compare", nargs=2, metavar=("FIRST", "SECOND"),
                     help="only compare two models' sweep JSONs by a paired bootstrap of the evaluation utterances")
+    ap.add_argument("--swap-split", action="store_true",
+                    help="calibrate on the evaluation speakers and evaluate on the calibration speakers "
+                         "(writes sweep-MODEL-swapped.*; --compare A.json+A-swapped.json ... pools both folds)")
     ap.add_argument("--line", default="obs-uniform", help="the grid line --compare looks at (default obs-uniform)")
     args = ap.parse_args()
     if args.compare:
         result = compare(*args.compare, args.line)
         print(json.dumps(result, indent=1))
         line = "" if args.line == "obs-uniform" else "-" + args.line.replace(" ", "-")
+        line += "-pooled" if any("+" in spec for spec in args.compare) else ""
         path = Path(args.out) / f"compare-{result['models'][0]}-{result['models'][1]}{line}.json"
         write_result(path, result)
         print(f"wrote {path}")

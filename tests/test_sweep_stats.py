@@ -82,3 +82,17 @@ def test_a_sweep_keeps_the_earlier_points_it_does_not_rerun(sweep, tmp_path):
     # another evaluation set (or dense WER): nothing is kept
     assert sweep.earlier_rows(path, {}, 5, 10.0) == ([], [])
     assert sweep.earlier_rows(path, {}, 4, 11.0) == ([], [])
+
+
+def test_two_folds_pool_into_one_sweep_at_their_common_points(sweep, tmp_path):
+    first = summary("A", [1, 1, 1, 1], [("obs-uniform", 0.4, [1, 1, 1, 1], [0] * 4),
+                                        ("obs-uniform", 0.5, [2, 2, 2, 2], [1] * 4)])
+    second = summary("A", [0, 0], [("obs-uniform", 0.4, [3, 3], [2, 2])], ids=("e", "f"))
+    pooled = sweep.load_sweep(write(tmp_path, "a.json", first) + "+" + write(tmp_path, "a2.json", second))
+    assert pooled["utterance_ids"] == ["a", "b", "c", "d", "e", "f"]
+    assert pooled["dense"]["wer"] == pytest.approx(100 * 4 / 60)
+    assert [(r["sparsity"], r["utterance_errors"]) for r in pooled["rows"]] == [(0.4, [1, 1, 1, 1, 3, 3])]
+    assert pooled["rows"][0]["wer"] == pytest.approx(100 * 10 / 60)
+    assert pooled["rows"][0]["utterance_agreement_errors"] == [0, 0, 0, 0, 2, 2]
+    with pytest.raises(SystemExit, match="disjoint utterances"):
+        sweep.load_sweep(write(tmp_path, "a.json", first) + "+" + write(tmp_path, "a3.json", first))
