@@ -252,6 +252,12 @@ def load_sweep(spec: str) -> dict:
                 continue
             row = {**r, **{k: r[k] + o[k] for k in ("utterance_errors", "utterance_agreement_errors") if k in r and k in o}}
             row["wer"] = 100 * sum(row["utterance_errors"]) / sum(pooled["utterance_words"])
+            row["hit_token_limit"] = r["hit_token_limit"] + o["hit_token_limit"]
+            if all("utterance_agreement_errors" in x for x in (r, o)) and all("dense_utterance_words" in x for x in (first, other)):
+                row["agreement_wer"] = 100 * sum(row["utterance_agreement_errors"]) / sum(pooled["dense_utterance_words"])
+            else:  # the first fold's alone would be wrong for the pool
+                row.pop("agreement_wer", None)
+                row.pop("utterance_agreement_errors", None)
             pooled["rows"].append(row)
         first = pooled
     return first

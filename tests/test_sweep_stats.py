@@ -29,7 +29,7 @@ def summary(model, dense_errors, rows, ids=("a", "b", "c", "d")):
         "model": model, "utterance_ids": list(ids), "utterance_words": [10] * len(ids),
         "dense_utterance_errors": dense_errors, "dense_utterance_words": [10] * len(ids),
         "dense": {"wer": 100 * sum(dense_errors) / (10 * len(ids))},
-        "rows": [{"label": name, "sparsity": s, "wer": 100 * sum(e) / (10 * len(ids)), "utterance_errors": e,
+        "rows": [{"label": name, "sparsity": s, "wer": 100 * sum(e) / (10 * len(ids)), "utterance_errors": e, "hit_token_limit": 0,
                   "utterance_agreement_errors": a} for name, s, e, a in rows],
     }
 
@@ -94,5 +94,6 @@ def test_two_folds_pool_into_one_sweep_at_their_common_points(sweep, tmp_path):
     assert [(r["sparsity"], r["utterance_errors"]) for r in pooled["rows"]] == [(0.4, [1, 1, 1, 1, 3, 3])]
     assert pooled["rows"][0]["wer"] == pytest.approx(100 * 10 / 60)
     assert pooled["rows"][0]["utterance_agreement_errors"] == [0, 0, 0, 0, 2, 2]
+    assert pooled["rows"][0]["agreement_wer"] == pytest.approx(100 * 4 / 60)
     with pytest.raises(SystemExit, match="disjoint utterances"):
         sweep.load_sweep(write(tmp_path, "a.json", first) + "+" + write(tmp_path, "a3.json", first))
