@@ -114,6 +114,17 @@ def plot(rows, dense_wer, model, path: Path) -> None:
         f.write(buf.getvalue())
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The rows as a table, without their per-utterance lists (those stay in the JSON)."""
+    from femtocc.cache import atomic_write
+
+    with atomic_write(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r if not k.startswith("utterance_"))),
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def sweep_model(model: str, args) -> dict:
     from femtocc.cache import atomic_write
     from femtocc.data import load_dataset, split_by_speaker
@@ -127,7 +138,7 @@ def sweep_model(model: str, args) -> dict:
     calib, evaluation = split_by_speaker(load_dataset(args.data))
     if args.swap_split:  # the second fold of a two-fold cross-evaluation
         calib, evaluation = evaluation, calib
-    name = f"sweep-{model}{'-swapped' if args.swap_split else ''}"
+    stem = f"sweep-{model}{'-swapped' if args.swap_split else ''}"
     evaluation = evaluation[: args.eval_limit] if args.eval_limit else evaluation
     t = time.perf_counter()
     hessians = collect_hessians(bundle, calib, prunable_layers(bundle.model))
@@ -142,7 +153,7 @@ def sweep_model(model: str, args) -> dict:
     out = Path(args.out)
     grids = {k: v for k, v in GRIDS.items()
              if (not args.methods or k[0] in args.methods) and (not args.only or label(*k) in args.only)}
-    rows, earlier_commands = earlier_rows(out / f"{name}.json", {label(*k): v for k, v in grids.items()},
+    rows, earlier_commands = earlier_rows(out / f"{stem}.json", {label(*k): v for k, v in grids.items()},
                                           len(evaluation), dense_report["wer"])
     for (method, allocation, pattern, admm_iterations), sparsities in grids.items():
         for s in sparsities:
@@ -184,14 +195,10 @@ def sweep_model(model: str, args) -> dict:
                 "max_sparsity_within_tolerance": usable(rows, dense_report["wer"]),
                 "rows": rows,
             }
-            with atomic_write(out / f"{name}.json", "w") as f:
+            with atomic_write(out / f"{stem}.json", "w") as f:
                 json.dump(summary, f, indent=1)
-            with atomic_write(out / f"{name}.csv", "w") as f:
-                w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r if k != "utterance_errors")),
-                                   extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-    plot(rows, dense_report["wer"], model, out / f"{name}.png")
+            write_csv(rows, out / f"{stem}.csv")
+    plot(rows, dense_report["wer"], model, out / f"{stem}.png")
     best = usable(rows, dense_report["wer"])
     for name, s in best.items():
         print(f"  {model}: {name:<28} highest sparsity within +{TOLERANCE} WER: {s:.3f}")
@@ -241,8 +248,12 @@ def load_sweep(spec: str) -> dict:
     for other in rest:
         if other["model"] != first["model"] or set(other["utterance_ids"]) & set(first["utterance_ids"]):
             raise SystemExit(f"compare {spec}: pooled sweeps must be of one model on disjoint utterances")
-        lists = ("utterance_ids", "utterance_words", "dense_utterance_errors", "dense_utterance_words")
-        pooled = {**first, **{k: first[k] + other[k] for k in lists if k in first and k in other}}
+        pooled = {**first, **{k: first[k] + other[k] for k in ("utterance_ids", "utterance_words", "dense_utterance_errors")}}
+        agreement = "dense_utterance_words" in first and "dense_utterance_words" in other
+        if agreement:
+            pooled["dense_utterance_words"] = first["dense_utterance_words"] + other["dense_utterance_words"]
+        else:  # one fold's words alone would not match the pooled utterances
+            pooled.pop("dense_utterance_words", None)
         pooled["dense"] = {"wer": 100 * sum(pooled["dense_utterance_errors"]) / sum(pooled["utterance_words"])}
         theirs = {(r["label"], round(r["sparsity"], 3)): r for r in other["rows"]}
         pooled["rows"] = []
@@ -250,10 +261,11 @@ def load_sweep(spec: str) -> dict:
             o = theirs.get((r["label"], round(r["sparsity"], 3)))
             if o is None or "utterance_errors" not in r or "utterance_errors" not in o:
                 continue
-            row = {**r, **{k: r[k] + o[k] for k in ("utterance_errors", "utterance_agreement_errors") if k in r and k in o}}
+            row = {**r, "utterance_errors": r["utterance_errors"] + o["utterance_errors"],
+                   "hit_token_limit": r["hit_token_limit"] + o["hit_token_limit"]}
             row["wer"] = 100 * sum(row["utterance_errors"]) / sum(pooled["utterance_words"])
-            row["hit_token_limit"] = r["hit_token_limit"] + o["hit_token_limit"]
-            if all("utterance_agreement_errors" in x for x in (r, o)) and all("dense_utterance_words" in x for x in (first, other)):
+            if agreement and "utterance_agreement_errors" in r and "utterance_agreement_errors" in o:
+                row["utterance_agreement_errors"] = r["utterance_agreement_errors"] + o["utterance_agreement_errors"]
                 row["agreement_wer"] = 100 * sum(row["utterance_agreement_errors"]) / sum(pooled["dense_utterance_words"])
             else:  # the first fold's alone would be wrong for the pool
                 row.pop("agreement_wer", None)

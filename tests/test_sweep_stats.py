@@ -97,3 +97,13 @@ def test_two_folds_pool_into_one_sweep_at_their_common_points(sweep, tmp_path):
     assert pooled["rows"][0]["agreement_wer"] == pytest.approx(100 * 4 / 60)
     with pytest.raises(SystemExit, match="disjoint utterances"):
         sweep.load_sweep(write(tmp_path, "a.json", first) + "+" + write(tmp_path, "a3.json", first))
+
+
+def test_pooling_a_fold_without_agreement_drops_the_agreement(sweep, tmp_path):
+    first = summary("A", [1, 1, 1, 1], [("obs-uniform", 0.4, [1, 1, 1, 1], [0] * 4)])
+    older = summary("A", [0, 0], [("obs-uniform", 0.4, [3, 3], [2, 2])], ids=("e", "f"))
+    del older["dense_utterance_words"]  # a sweep from before agreement errors were kept
+    pooled = sweep.load_sweep(write(tmp_path, "a.json", first) + "+" + write(tmp_path, "a2.json", older))
+    assert "dense_utterance_words" not in pooled
+    assert "agreement_wer" not in pooled["rows"][0] and "utterance_agreement_errors" not in pooled["rows"][0]
+    assert pooled["rows"][0]["wer"] == pytest.approx(100 * 10 / 60)
