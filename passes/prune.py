@@ -36,6 +36,7 @@ from femtocc.passes.sparsity import Pattern, parse_pattern
 
 METHODS = ("obs", "mp-local", "mp-global")
 MAX_LAYER_SPARSITY = 0.98
+ALLOCATION_SPREAD = 0.15  # global allocation keeps each layer within target +- this
 # The ADMM mask search runs where calibration saw this many input rows per input: the encoder and
 # cross-attention k/v (1,500 frames per utterance), not the decoder's token-fed layers, whose
 # closer fit to ~20 tokens per utterance does not carry over to new speakers (benchmarks/README.md).
@@ -46,7 +47,6 @@ def well_calibrated(rows: int, inputs: int) -> bool:
     """Whether a layer's calibration saw enough input rows for a closer fit to carry over to new
     speakers (the layers fed by audio frames): where the ADMM mask search runs."""
     return rows >= ADMM_MIN_ROWS_PER_INPUT * inputs
-ALLOCATION_SPREAD = 0.15  # global allocation keeps each layer within target +- this
 
 
 @dataclass
