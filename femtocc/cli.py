@@ -17,6 +17,43 @@ from femtocc.errors import FemtoccError
 DEFAULT_DATA = "../shared/data/speech/dev"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with femtocc's one-line errors (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        where = self.prog.removeprefix("femtocc").strip()
+        self.exit(2, f"femtocc: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: sparsity must be in [0, 1), the fraction of weights set to zero")
+    return value
+
+
+def pattern(text: str) -> str:
+    from femtocc.passes.sparsity import parse_pattern
+
+    try:
+        return parse_pattern(text).name
+    except FemtoccError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--pipeline", default=default, help=f"pass pipeline, e.g. 'canonicalize,fold-gelu' (default: {default!r})")
     p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
@@ -32,14 +69,19 @@ def _manager(args):
 
 
 def _gradual_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=1, help="gradual OBS pruning in this many steps (default 1: one shot)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
+    p.add_argument("--steps", type=positive_int, default=None, help="gradual OBS pruning in this many steps (default 1: one shot)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
                    help="after each step, distil from the dense model for this many epochs over the calibration speech")
+
+
+def _force_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"replace -o even when it is not {what} folder that femtocc wrote (never ., ~ or /)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help=f"speech folder (transcripts.tsv or LibriSpeech layout; default {DEFAULT_DATA})")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N utterances (sorted by id)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N utterances (sorted by id)")
     p.add_argument(
         "--split", choices=("all", "eval", "calib"), default="all",
         help="all utterances, or the speaker-disjoint evaluation / calibration part (default all)",
@@ -56,6 +98,21 @@ def _utterances(args):
     return utts[: args.limit] if args.limit else utts
 
 
+def _check_json(option: str | None) -> Path | None:
+    """The --json path, checked before any work: not a folder, in a folder that can be written."""
+    if option is None:
+        return None
+    path = Path(option).expanduser()
+    if path.is_dir():
+        raise FemtoccError(f"--json {option}: is a folder; give a file name")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise FemtoccError(f"--json {option}: cannot write into {parent}")
+    return path
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -65,14 +122,23 @@ def cmd_import(args) -> int:
     from femtocc.frontend.whisper import load_whisper
     from femtocc.ir import save
 
-    out = Path(args.output)
-    bundle = load_whisper(args.model)
-    paths = export_whisper(bundle, out, progress=lambda w: print(f"exported {out / (w + '.onnx')}", file=sys.stderr))
+    from femtocc.cache import atomic_dir, check_output_dir
+
+    out = check_output_dir(args.output, "import", args.force)
     manager = _manager(args)
-    for which in GRAPH_NAMES:
-        graph = manager.run(import_onnx(load_onnx(paths[which]), which))
-        path = save(graph, out / f"{which}.fir")
-        print(f"wrote {path} ({len(graph.nodes)} nodes, {graph.parameter_count():,} parameters)")
+    bundle = load_whisper(args.model)
+    lines = []
+    with atomic_dir(out) as tmp:
+        paths = export_whisper(bundle, tmp)
+        for which in GRAPH_NAMES:
+            graph = manager.run(import_onnx(load_onnx(paths[which]), which))
+            save(graph, tmp / f"{which}.fir")
+            lines.append(f"wrote {out / which}.onnx and {out / which}.fir ({len(graph.nodes)} nodes, "
+                         f"{graph.parameter_count():,} parameters)")
+        (tmp / "femtocc-import.json").write_text(json.dumps(
+            {"format": "femtocc-import/1", "model": args.model, "graphs": list(GRAPH_NAMES),
+             "pipeline": args.pipeline}, indent=1))
+    print("\n".join(lines))
     if manager.records:
         print(manager.summary(), file=sys.stderr)
     return 0
@@ -137,6 +203,7 @@ def cmd_eval(args) -> int:
     from femtocc.decode import make_backend, score, transcribe
     from femtocc.frontend.whisper import load_whisper
 
+    json_path = _check_json(args.json)
     utts = _utterances(args)
     bundle = load_whisper(args.model)
     backend = make_backend(bundle, args.backend, manager=_manager(args) if args.backend == "ir" else None)
@@ -145,7 +212,9 @@ def cmd_eval(args) -> int:
     if bundle.metadata.get("pruning"):
         report["pruning"] = bundle.metadata["pruning"]
     _print_report([(args.backend, report)])
-    json_path = Path(args.json or f"eval-{Path(args.model).name}-{args.backend}.json")
+    if json_path is None:
+        print("per-utterance results not written (--json OUT writes them)")
+        return 0
     result = {
         "model": args.model,
         "backend": args.backend,
@@ -166,14 +235,17 @@ def cmd_prune(args) -> int:
     from femtocc.frontend.whisper import load_whisper, save_bundle
     from femtocc.passes.prune import PruneConfig, prune_and_finetune
 
+    from femtocc.cache import check_output_dir
+
     cfg = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
         damping=args.damping, refit_iterations=args.refit_iterations, admm_iterations=args.admm_iterations,
         sequential=args.sequential, layers=args.layers,
-        include_embeddings=args.include_embeddings, steps=args.steps, finetune_epochs=args.finetune_epochs,
+        include_embeddings=args.include_embeddings, steps=args.steps or 1, finetune_epochs=args.finetune_epochs or 0,
         heldout=args.heldout,
     )
     cfg.check()
+    check_output_dir(args.output, "model", args.force)
     calib = load_dataset(args.calib)
     if args.calib_split == "calib":
         calib = split_by_speaker(calib)[0]
@@ -206,9 +278,16 @@ def cmd_prune(args) -> int:
 def cmd_compile(args) -> int:
     from femtocc.compile import CompileOptions, compile_model, print_report
 
+    if not args.method:
+        given = [o for o, v in (("--sparsity", args.sparsity), ("--pattern", args.pattern), ("--steps", args.steps),
+                                ("--finetune-epochs", args.finetune_epochs)) if v is not None]
+        if given:
+            raise FemtoccError(f"{given[0]} given without --method: nothing would be pruned; add --method obs "
+                               f"(or leave out {given[0]})")
     opts = CompileOptions(
         model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
-        sparsity=args.sparsity, pattern=args.pattern, steps=args.steps, finetune_epochs=args.finetune_epochs,
+        sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern or "pencil8",
+        steps=args.steps or 1, finetune_epochs=args.finetune_epochs or 0, force=args.force,
         quant=args.quant, weight_quant=args.weight_quant, calib=args.calib, calib_limit=args.calib_limit,
         range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
         save_ir=args.save_ir, progress=not args.quiet, log=sys.stderr,
@@ -227,6 +306,7 @@ def cmd_run(args) -> int:
     from femtocc.decode import GraphBackend, build_runners, score, transcribe
     from femtocc.frontend.whisper import load_whisper
 
+    json_path = _check_json(args.json)
     sink: list = []
     runners, manifest = build_runners(args.build, args.runtime, sink)
     bundle = load_whisper(manifest["model"])
@@ -234,13 +314,12 @@ def cmd_run(args) -> int:
     utts = _utterances(args)
     transcripts, per_utt = [], []
     if args.runtime == "sim":
-        from tqdm import tqdm
-
         from femtocc.decode import build_target
+        from femtocc.progress import progress
         from femtocc.runtime.report import utterance_stats
 
         clock_hz = build_target(manifest).facts.clock_hz
-        for u in tqdm(utts, desc="transcribe [sim]", unit="utt", disable=args.quiet, leave=False):
+        for u in progress(utts, "transcribe [sim]", "utt", enabled=not args.quiet):
             start = len(sink)
             transcripts += transcribe(bundle, backend, [u])
             per_utt.append(utterance_stats(sink[start:], transcripts[-1], clock_hz))
@@ -248,19 +327,24 @@ def cmd_run(args) -> int:
         transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
     report = score(transcripts, dense_reference(bundle, utts))
     report["build"] = {k: manifest[k] for k in ("model", "target", "quant", "pruning")}
+    timeline = json_path and json_path.with_name(f"{json_path.stem}-timeline.png")
     if per_utt:
         from femtocc.runtime.report import plot_timeline, summarize
 
         report["simulator"] = summarize(per_utt, sink)
-        plot_timeline(report["simulator"], Path(args.build) / "sim-timeline.png")
+        if timeline:
+            plot_timeline(report["simulator"], timeline)
     _print_report([(args.runtime, report)])
     if per_utt:
         sim = report["simulator"]
         print(f"simulated on {manifest['target']}: {sim['latency_s_mean']:.3f} s latency per utterance "
               f"({sim['real_time_factor']:.3f} x real time), {sim['energy_uj_mean']:.0f} uJ per utterance, "
-              f"{sim['macs_per_utterance']:.3g} MACs ({sim['macs_skipped_fraction']:.1%} skipped as zero activations); "
-              f"timeline: {Path(args.build) / 'sim-timeline.png'}")
-    json_path = Path(args.json or Path(args.build) / f"run-{args.runtime}.json")
+              f"{sim['macs_per_utterance']:.3g} MACs ({sim['macs_skipped_fraction']:.1%} skipped as zero activations)"
+              + (f"; timeline: {timeline}" if timeline else ""))
+    if json_path is None:
+        print("per-utterance results not written (--json OUT writes them" +
+              (", and the timeline beside them)" if per_utt else ")"))
+        return 0
     with atomic_write(json_path, "w") as f:
         json.dump({"build": str(args.build), "runtime": args.runtime, "data": str(args.data), "split": args.split,
                    "report": report, "utterances": [dict(t.__dict__, **(per_utt[i] if per_utt else {}))
@@ -277,18 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     from femtocc.decode import BACKENDS
     from femtocc.passes import DEFAULT_PIPELINE
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="femtocc",
         description="Sparse compiler stack for Whisper on the spu001 sparse processing unit.",
     )
     parser.add_argument("--version", action="version", version=f"femtocc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("import", help="export a Whisper model to ONNX and femtocc IR",
                        description="Export MODEL's encoder, cross-attention K/V and decoder step to ONNX "
                                    "(opset 18) and write each as femtocc IR text (.fir) with its weights.")
     p.add_argument("model", help="whisper-tiny.en, whisper-base, a local folder or a hub id")
     p.add_argument("-o", "--output", required=True, help="output folder")
+    _force_arg(p, "an import")
     _add_pipeline_args(p, DEFAULT_PIPELINE)
     p.set_defaults(func=cmd_import)
 
@@ -305,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pruned model came from).")
     p.add_argument("model")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
-    p.add_argument("--json", help="where to write per-utterance results (default eval-MODEL-BACKEND.json)")
+    p.add_argument("--json", metavar="OUT", help="write per-utterance results to OUT (default: none written)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _data_args(p)
     _add_pipeline_args(p, DEFAULT_PIPELINE)
@@ -320,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every other command accepts.")
     p.add_argument("model")
     p.add_argument("--method", choices=METHODS, default="obs")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of pruned-layer weights set to zero (default 0.5)")
-    p.add_argument("--pattern", default="unstructured", help="unstructured, pencil8 or N:M such as 2:4 (default unstructured)")
+    p.add_argument("--sparsity", type=sparsity, default=0.5, help="fraction of pruned-layer weights set to zero (default 0.5)")
+    p.add_argument("--pattern", type=pattern, default="unstructured", help="unstructured, pencil8 or N:M such as 2:4 (default unstructured)")
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="same sparsity in every layer, or allocated across layers from the OBS error (default uniform)")
     p.add_argument("--damping", type=float, default=None, help="OBS damping as a fraction of mean(diag H) (default: automatic)")
@@ -342,8 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=DEFAULT_DATA, help=f"calibration speech folder (default {DEFAULT_DATA})")
     p.add_argument("--calib-split", choices=("calib", "all"), default="calib",
                    help="use the speaker-disjoint calibration part of --calib (default), or all of it")
-    p.add_argument("--calib-limit", type=int, default=None, help="at most N calibration utterances")
+    p.add_argument("--calib-limit", type=positive_int, default=None, help="at most N calibration utterances")
     p.add_argument("-o", "--output", required=True, help="output model folder")
+    _force_arg(p, "a pruned model")
     p.add_argument("--verbose", action="store_true", help="print the per-layer table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
@@ -357,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="spu001", help="target name (spu001)")
     p.add_argument("--target-file", default=None, help="a target description TOML (a variant of spu001)")
     p.add_argument("--method", choices=METHODS, default=None, help="prune with this method first (default: no pruning)")
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--pattern", default="pencil8", help="pruning pattern (default pencil8, the SPU's native sparsity)")
+    p.add_argument("--sparsity", type=sparsity, default=None, help="with --method: fraction of weights set to zero (default 0.5)")
+    p.add_argument("--pattern", type=pattern, default=None,
+                   help="with --method: pruning pattern (default pencil8, the SPU's native sparsity)")
     _gradual_args(p)
     from femtocc.compile import QUANT
 
@@ -366,9 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-quant", choices=("round", "gptq"), default="round",
                    help="round weights to the grid, or GPTQ: second-order rounding with error compensation")
     p.add_argument("--calib", default=DEFAULT_DATA, help="calibration speech (its speaker-disjoint calibration part is used)")
-    p.add_argument("--calib-limit", type=int, default=32, help="calibration utterances (default 32)")
-    p.add_argument("--range-limit", type=int, default=None, help="of those, how many set activation ranges (default all)")
+    p.add_argument("--calib-limit", type=positive_int, default=32, help="calibration utterances (default 32)")
+    p.add_argument("--range-limit", type=positive_int, default=None, help="of those, how many set activation ranges (default all)")
     p.add_argument("-o", "--output", required=True, help="build folder")
+    _force_arg(p, "a build")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--save-ir", action="store_true", help="also write BUILD/ir/*.fir, the IR the programs came from")
     p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every target pass")
@@ -382,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "WER and agreement with the dense float model's transcripts.")
     p.add_argument("build")
     p.add_argument("--runtime", choices=RUNTIMES, default="reference")
-    p.add_argument("--json", help="where to write per-utterance results (default BUILD/run-RUNTIME.json)")
+    p.add_argument("--json", metavar="OUT", help="write per-utterance results to OUT, and with --runtime sim the "
+                                                  "timeline to OUT's name + -timeline.png (default: none written)")
     p.add_argument("--quiet", action="store_true")
     _data_args(p)
     p.set_defaults(func=cmd_run)
@@ -391,7 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except FemtoccError as e:

@@ -52,6 +52,7 @@ class CompileOptions:
     print_ir_after_all: bool = False
     print_ir_after: tuple = ()
     save_ir: bool = False  # also write BUILD/ir/*.fir: the final IR each program was generated from
+    force: bool = False  # replace ``output`` even when it is not an earlier build
     progress: bool = True
     log: object = None  # a writable stream for stage lines
     stages: dict = field(default_factory=dict)
@@ -105,7 +106,7 @@ def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
 
 
 def compile_model(opts: CompileOptions) -> dict:
-    from femtocc.cache import atomic_dir
+    from femtocc.cache import atomic_dir, check_output_dir
     from femtocc.data import load_dataset, split_by_speaker
     from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper, load_onnx
     from femtocc.frontend.onnx_ir import import_onnx
@@ -121,8 +122,15 @@ def compile_model(opts: CompileOptions) -> dict:
         raise FemtoccError(f"--weight-quant {opts.weight_quant!r}: choose round or gptq")
     if opts.calib_limit < 1:
         raise FemtoccError("--calib-limit must be at least 1")
+    check_output_dir(opts.output, "build", opts.force)
     target = load(opts.target or DEFAULT)
     wbits, abits = QUANT[opts.quant]
+    if opts.method:
+        from femtocc.passes.prune import PruneConfig, prune_and_finetune
+
+        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=opts.pattern, steps=opts.steps,
+                          finetune_epochs=opts.finetune_epochs)
+        cfg.check()
     t0 = t = time.perf_counter()
     bundle = load_whisper(opts.model)
     calib = split_by_speaker(load_dataset(opts.calib))[0][: opts.calib_limit]
@@ -131,11 +139,6 @@ def compile_model(opts: CompileOptions) -> dict:
     prune_report = None
     model = bundle
     if opts.method:
-        from femtocc.passes.prune import PruneConfig, prune_and_finetune
-
-        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=opts.pattern, steps=opts.steps,
-                          finetune_epochs=opts.finetune_epochs)
-        cfg.check()
         model, prune_report = prune_and_finetune(bundle, cfg, calib, progress=opts.progress)
         t = _stage(opts, "prune", t, f"{opts.method} {opts.pattern} {prune_report['sparsity']:.3f}")
 

@@ -45,6 +45,9 @@ def load_audio(path: Path) -> np.ndarray:
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise FemtoccError(f"audio file {path}: cannot decode ({e})") from None
     mono = samples.mean(axis=1)
+    bad = int(np.count_nonzero(~np.isfinite(mono)))
+    if bad:
+        raise FemtoccError(f"audio file {path}: {bad} of {len(mono)} samples are NaN or infinite")
     if rate != SAMPLE_RATE:
         from scipy.signal import resample_poly
 
@@ -53,11 +56,18 @@ def load_audio(path: Path) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _read_tsv(path: Path) -> list[tuple[str, str]]:
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a file that is not UTF-8 is a one-line error naming it."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise FemtoccError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise FemtoccError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read_tsv(path: Path) -> list[tuple[str, str]]:
+    lines = read_lines(path)
     if not lines or lines[0].split("\t")[:2] != ["file", "text"]:
         raise FemtoccError(f"{path}:1: expected the header 'file<TAB>text'")
     rows = []
@@ -77,7 +87,7 @@ def _speakers(folder: Path) -> dict[str, str]:
     meta = folder / "metadata.tsv"
     if not meta.is_file():
         return {}
-    lines = meta.read_text(encoding="utf-8").splitlines()
+    lines = read_lines(meta)
     header = lines[0].split("\t") if lines else []
     if "file" not in header or "speaker" not in header:
         return {}
@@ -106,7 +116,7 @@ def load_dataset(folder: str | Path, limit: int | None = None) -> list[Utterance
             utts.append(Utterance(Path(file).stem, path, text, speakers.get(file, Path(file).stem)))
     else:
         for trans in sorted(folder.rglob("*.trans.txt")):
-            for number, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), start=1):
+            for number, line in enumerate(read_lines(trans), start=1):
                 if not line.strip():
                     continue
                 uid, _, text = line.partition(" ")

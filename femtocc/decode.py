@@ -183,38 +183,80 @@ def build_target(manifest: dict):
     return load(manifest["target_file"]) if manifest.get("target_file") else load()
 
 
+BUILD_KEYS = ("format", "model", "target", "quant", "programs")
+
+
+def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
+    """A build's manifest and program bytes, checked: ``build.json`` is a JSON object with every key
+    a run needs, its program paths stay inside the build folder, and each program's header (format
+    version, target, graph) and weight precision agree with the manifest."""
+    import json
+    from pathlib import Path
+
+    from femtocc.compile import QUANT
+    from femtocc.frontend.onnx_export import GRAPH_NAMES
+    from femtocc.runtime.program import VERSION, Program
+
+    build = Path(build_dir)
+    path = build / "build.json"
+    if not path.is_file():
+        raise FemtoccError(f"{build}: not a femtocc build (no build.json); create one with femtocc compile")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FemtoccError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise FemtoccError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    missing = [k for k in BUILD_KEYS if k not in manifest]
+    if missing:
+        raise FemtoccError(f"{path}: missing {', '.join(missing)}; rebuild with femtocc compile")
+    if manifest["format"] != f"femtocc-build/{VERSION}":
+        raise FemtoccError(f"{path}: format {manifest['format']!r}, this femtocc reads femtocc-build/{VERSION}")
+    if manifest["quant"] not in QUANT:
+        raise FemtoccError(f"{path}: quant {manifest['quant']!r} is not one of {', '.join(QUANT)}")
+    programs = manifest["programs"]
+    if not isinstance(programs, dict) or any(not isinstance(programs.get(w), str) for w in GRAPH_NAMES):
+        raise FemtoccError(f"{path}: programs must name a file for each of {', '.join(GRAPH_NAMES)}")
+    root = build.resolve()
+    data = {}
+    for w in GRAPH_NAMES:
+        file = (build / programs[w]).resolve()
+        if root not in file.parents:
+            raise FemtoccError(f"{path}: programs.{w} = {programs[w]!r} is outside the build folder")
+        try:
+            data[w] = file.read_bytes()
+        except OSError as e:
+            raise FemtoccError(f"{file}: cannot read ({e.strerror})") from None
+        head = Program.from_bytes(data[w], str(file), validate=False)
+        bits = {b.bits for b in head.buffers if b.layout in ("dense", "pencil8")}
+        for what, found, want in (("target", head.target, manifest["target"][:16]), ("graph", head.graph, w[:16]),
+                                  ("weight bits", bits, {QUANT[manifest["quant"]][0]} if bits else set())):
+            if found != want:
+                raise FemtoccError(f"{file}: {what} {found} in the program, {want} in {path.name} "
+                                   f"(quant {manifest['quant']})" if what == "weight bits" else
+                                   f"{file}: {what} {found!r} in the program, {want!r} in {path.name}")
+    return manifest, data
+
+
 def build_runners(build_dir, runtime: str = "reference", sink: list | None = None) -> tuple[dict[str, Runner], dict]:
     """Runners for the programs of a ``femtocc compile`` build on ``runtime`` (``reference``: numpy,
     ``sim``: the C cycle simulator, whose per-run statistics are appended to ``sink``), and the
     build's manifest."""
-    import json
     from pathlib import Path
 
-    from femtocc.frontend.onnx_export import GRAPH_NAMES
-
-    build = Path(build_dir)
-    manifest_path = build / "build.json"
-    if not manifest_path.is_file():
-        raise FemtoccError(f"{build}: not a femtocc build (no build.json); create one with femtocc compile")
-    manifest = json.loads(manifest_path.read_text())
     if runtime not in RUNTIMES:
         raise FemtoccError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    paths = {w: build / manifest["programs"][w] for w in GRAPH_NAMES}
+    manifest, data = read_build(build_dir)
+    where = {w: str(Path(build_dir) / manifest["programs"][w]) for w in data}
     if runtime == "reference":
-        from femtocc.runtime.reference import ReferenceRuntime, load_program
+        from femtocc.runtime.program import Program
+        from femtocc.runtime.reference import ReferenceRuntime
 
-        return {w: ReferenceRuntime(load_program(p)).runner() for w, p in paths.items()}, manifest
+        return {w: ReferenceRuntime(Program.from_bytes(b, where[w])).runner() for w, b in data.items()}, manifest
     from femtocc.runtime.sim import SimRuntime
 
     target = build_target(manifest)
-    runners = {}
-    for w, p in paths.items():
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise FemtoccError(f"{p}: cannot read ({e.strerror})") from None
-        runners[w] = SimRuntime(data, target, str(p)).runner(sink)
-    return runners, manifest
+    return {w: SimRuntime(b, target, where[w]).runner(sink) for w, b in data.items()}, manifest
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -256,20 +298,60 @@ class Transcript:
     seconds: float
 
 
+WINDOW_S = 30.0  # Whisper's context: every window is padded or cut to this
+MIN_WINDOW_S = 5.0  # a window that longer audio is cut into is at least this long (but the last)
+SILENCE_PEAK = 1e-4  # -80 dBFS: audio (or a window of it) whose peak stays below this is silence
+
+
+def windows(audio: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) sample ranges that cover ``audio`` one after another, each at most 30 s.
+
+    Audio that fits Whisper's 30-s window is one window, as it always was. Longer audio is cut
+    sequentially: each window ends at the quietest 100-ms frame (hop 10 ms, the first if several
+    tie) between ``MIN_WINDOW_S`` and 30 s after its start, and the next starts there. The quietest
+    point of that stretch is its longest pause, so the cut falls between sentences rather than
+    through a word, and a window holds as few sentences as the pauses allow: Whisper asked for
+    text without timestamps tends to stop early or skip a sentence in a window that holds several
+    (dev utterances put one after another: a 24-s window of four lost one, another three).
+    """
+    n, size = len(audio), int(WINDOW_S * SAMPLE_RATE)
+    frame, hop = SAMPLE_RATE // 10, SAMPLE_RATE // 100
+    out, start = [], 0
+    while n - start > size:
+        lo = start + int(MIN_WINDOW_S * SAMPLE_RATE)
+        energy = np.convolve(np.asarray(audio[lo : start + size], np.float64) ** 2, np.ones(frame), "valid")[::hop]
+        cut = lo + int(np.argmin(energy)) * hop + frame // 2
+        out.append((start, cut))
+        start = cut
+    out.append((start, n))
+    return out
+
+
 def transcribe(bundle, backend: Backend, utts: list[Utterance], progress: bool = False) -> list[Transcript]:
-    from tqdm import tqdm
+    """Greedy transcripts of ``utts``. Audio longer than 30 s is decoded window by window
+    (:func:`windows`), each with the plain prompt, and the texts joined with a space. Silence
+    (a file or window whose peak stays below -80 dBFS) is not decoded: its transcript is empty,
+    whatever the backend (Whisper makes words up for it: tiny.en says "you" to digital silence)."""
+    from femtocc.progress import progress as steps
 
     extractor = bundle.feature_extractor()
     results = []
-    for u in tqdm(utts, desc=f"transcribe [{backend.name}]", unit="utt", disable=not progress, leave=False):
+    for u in steps(utts, f"transcribe [{backend.name}]", "utt", enabled=progress):
         audio = u.audio()
         start = time.perf_counter()
-        features = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
+        tokens, texts, hit = [], [], False
+        for a, b in windows(audio):
+            if b > a and float(np.max(np.abs(audio[a:b]))) >= SILENCE_PEAK:  # silence is not decoded
+                features = extractor(audio[a:b], sampling_rate=SAMPLE_RATE,
+                                     return_tensors="np").input_features.astype(np.float32)
+                part, cut = greedy_decode(backend.start(features), bundle.decode,
+                                          token_limit((b - a) / SAMPLE_RATE, bundle.decode))
+                tokens += part
+                texts.append(bundle.text(part).strip())
+                hit |= cut
         duration = len(audio) / SAMPLE_RATE
-        tokens, hit = greedy_decode(backend.start(features), bundle.decode, token_limit(duration, bundle.decode))
-        results.append(
-            Transcript(u.id, u.text, bundle.text(tokens), tokens, duration, hit, time.perf_counter() - start)
-        )
+        text = " ".join(t for t in texts if t) if len(texts) > 1 else bundle.text(tokens)
+        results.append(Transcript(u.id, u.text, text, tokens, duration, hit, time.perf_counter() - start))
     return results
 
 
@@ -279,14 +361,16 @@ def score(transcripts: list[Transcript], dense: dict[str, str] | None = None) ->
 
     report = {
         "utterances": len(transcripts),
-        **corpus_wer([t.reference for t in transcripts], [t.hypothesis for t in transcripts]),
+        **corpus_wer([t.reference for t in transcripts], [t.hypothesis for t in transcripts],
+                     "the data folder's reference transcripts"),
         "hit_token_limit": sum(t.hit_limit for t in transcripts),
         "token_limit_rule": f"min(448 - prompt, ceil({TOKENS_PER_SECOND} * seconds) + {TOKEN_SLACK})",
         "seconds": sum(t.seconds for t in transcripts),
         "audio_seconds": sum(t.duration_s for t in transcripts),
     }
     if dense is not None:
-        agree = corpus_wer([dense[t.id] or "-" for t in transcripts], [t.hypothesis for t in transcripts])
+        agree = corpus_wer([dense[t.id] or "-" for t in transcripts], [t.hypothesis for t in transcripts],
+                           "the dense model's transcripts")
         report["agreement_wer"] = agree["wer"]
         report["identical_transcripts"] = sum(dense[t.id] == t.hypothesis for t in transcripts)
     return report

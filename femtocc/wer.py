@@ -26,9 +26,10 @@ def normalize(text: str) -> str:
     return normalizer()(text)
 
 
-def corpus_wer(references: list[str], hypotheses: list[str]) -> dict:
+def corpus_wer(references: list[str], hypotheses: list[str], whose: str = "the reference transcripts") -> dict:
     """Corpus WER in percent over normalized texts; utterances whose normalized reference is empty
-    are scored by counting every hypothesis word as an insertion."""
+    are scored by counting every hypothesis word as an insertion. ``whose`` names the references
+    in the error raised when none has a word."""
     import jiwer
 
     if len(references) != len(hypotheses):
@@ -38,7 +39,8 @@ def corpus_wer(references: list[str], hypotheses: list[str]) -> dict:
     pairs = [(r, h) for r, h in zip(refs, hyps) if r.strip()]
     extra_insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r.strip())
     if not pairs:
-        raise FemtoccError("every reference transcript is empty after normalization: nothing to score")
+        raise FemtoccError(f"all {len(refs)} of {whose} are empty after normalization: no reference words to "
+                           "score against")
     out = jiwer.process_words([r for r, _ in pairs], [h if h.strip() else "" for _, h in pairs])
     words = sum(len(r.split()) for r, _ in pairs)
     errors = out.substitutions + out.deletions + out.insertions + extra_insertions

@@ -132,16 +132,15 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
     Tokens: ``dense_tokens`` if given, else this model's cached transcript, else greedy decoding
     with the hooks paused (then cached). ``on_utterance(u, seconds)`` runs before each utterance.
     """
-    from tqdm import tqdm
-
     from femtocc.decode import torch_graph_backend
+    from femtocc.progress import progress as steps
 
     model = bundle.model
     backend = torch_graph_backend(bundle)
     attention = model.config._attn_implementation
     model.set_attn_implementation("sdpa")  # same math as eager, twice as fast on the encoder
     try:
-        for u in tqdm(utts, desc="calibrate", unit="utt", disable=not progress, leave=False):
+        for u in steps(utts, "calibrate", "utt", enabled=progress):
             audio = u.audio()
             seconds = len(audio) / SAMPLE_RATE
             on_utterance(u, seconds)
@@ -296,14 +295,13 @@ def collect_value_ranges(graphs: dict, bundle, utts: list[Utterance], progress: 
     greedy transcript of each utterance (one step over prompt + tokens, so the KV-cache inputs
     are empty and every position is seen once), or on ``tokens`` when given (the dense model's).
     """
-    from tqdm import tqdm
-
     from femtocc.decode import GraphBackend
+    from femtocc.progress import progress as steps
 
     recorder = RangeRecorder()
     tokens = tokens if tokens is not None else dense_transcripts(bundle, utts)
     backend = GraphBackend("calibrate", {w: recorder.runner(g) for w, g in graphs.items()}, bundle.config)
-    for u in tqdm(utts, desc="ranges", unit="utt", disable=not progress, leave=False):
+    for u in steps(utts, "ranges", "utt", enabled=progress):
         session = backend.start(_features(bundle, u.audio()))
         session.step(list(bundle.decode.prompt) + list(tokens[u.id]))
     return dict(sorted(recorder.ranges.items()))

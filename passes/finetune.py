@@ -28,10 +28,10 @@ def finetune(student, teacher, utts: list[Utterance], tokens: dict[str, list[int
     """Distil ``teacher`` into ``student`` (bundles) in place; returns loss and timing statistics."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
     from transformers.modeling_outputs import BaseModelOutput
 
     from femtocc.passes.calibrate import _features, prunable_layers
+    from femtocc.progress import progress as steps
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -67,8 +67,8 @@ def finetune(student, teacher, utts: list[Utterance], tokens: dict[str, list[int
         for epoch in range(epochs):
             order = [utts[i].id for i in rng.permutation(len(utts))]
             total = 0.0
-            for ids, x, inp, valid in tqdm(list(batches(order)), desc=f"finetune {epoch + 1}/{epochs}", unit="batch",
-                                           disable=not progress, leave=False):
+            for ids, x, inp, valid in steps(list(batches(order)), f"finetune {epoch + 1}/{epochs}", "batch",
+                                            enabled=progress):
                 enc_t = torch.cat([targets[k][0] for k in ids])
                 length = inp.shape[1]
                 logp_t = torch.cat([F.pad(targets[k][1].float(), (0, 0, 0, length - targets[k][1].shape[1])) for k in ids])

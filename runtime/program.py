@@ -31,6 +31,7 @@ Params: the op's integer attributes in :data:`ISA` order; a name ending in ``*``
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ MAGIC = b"SPU\0"
 VERSION = 1
 ABSENT = -(1 << 63)
 MAX_RANK = 6
+MAX_ELEMENTS = 1 << 28  # the largest tensor or constant a program may hold (SPU_MAX_ELEMENTS in spusim.h)
 PENCIL = 8
 
 # opcode -> (op name, integer attributes in order). The opcode is the position in this list.
@@ -177,7 +179,8 @@ class Program:
 
     # ------------------------------------------------------------------ reading
     @staticmethod
-    def from_bytes(data: bytes, where: str = "program") -> Program:
+    def from_bytes(data: bytes, where: str = "program", validate: bool = True) -> Program:
+        """Parse (and unless ``validate`` is False, fully validate) a program's bytes."""
         r = _Reader(data, where)
         if len(data) < _HEADER.size + 4:
             raise ProgramError(f"{where}: {len(data)} bytes is too short for a .spu program")
@@ -234,7 +237,8 @@ class Program:
                     raise ProgramError(f"{where}: buffer {i} ({b.name}) blob [{b.blob_offset}, +{b.nbytes}) "
                                        f"runs past the {len(blob)} blob bytes")
                 b.blob = bytes(blob[b.blob_offset : b.blob_offset + b.nbytes])
-        prog.validate(where)
+        if validate:
+            prog.validate(where)
         return prog
 
     # ------------------------------------------------------------------ checks
@@ -446,7 +450,9 @@ def decode_constant(b: Buffer, where: str = "program") -> np.ndarray:
     if any(d[1] or d[2] or d[0] < 0 for d in b.shape):
         raise ProgramError(f"{where}: constant {b.name} must have a static shape")
     shape = tuple(d[0] for d in b.shape)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise ProgramError(f"{where}: constant {b.name} has more than 2**28 elements ({list(shape)})")
     raw = b.blob
     try:
         if b.layout == "raw":

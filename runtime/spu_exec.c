@@ -13,7 +13,6 @@
 
 #include "spusim.h"
 
-#define MAX_ELEMENTS (INT64_C(1) << 28) /* bounds memory and time on hostile programs */
 
 /* ------------------------------------------------------------------------------------------ tensors */
 
@@ -28,7 +27,7 @@ static int tensor_alloc(Tensor *t, int dtype, int rank, const int64_t *shape, ch
     if (rank < 0 || rank > SPU_MAX_RANK) return spu_fail(err, "rank %d out of range", rank);
     for (int i = 0; i < rank; i++) {
         if (shape[i] < 0) return spu_fail(err, "negative dimension %lld", (long long)shape[i]);
-        if (shape[i] && n > MAX_ELEMENTS / shape[i]) return spu_fail(err, "tensor of more than 2**28 elements");
+        if (shape[i] && n > SPU_MAX_ELEMENTS / shape[i]) return spu_fail(err, "tensor of more than 2**28 elements");
         n *= shape[i];
         t->shape[i] = shape[i];
     }
@@ -547,6 +546,7 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
                 continue;
             }
             if (d < 0) return spu_fail(c->err, "instruction %d (reshape): negative dim %lld", k, (long long)d);
+            if (d && known > SPU_MAX_ELEMENTS / d) return spu_fail(c->err, "instruction %d (reshape): more than 2**28 elements", k);
             shape[i] = d;
             known *= d;
         }
@@ -598,11 +598,11 @@ static int op_move(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) 
         if (a->numel != 1 || b->numel != 1 || d->numel != 1) return spu_fail(c->err, "instruction %d (range): start, limit and delta must be scalars", k);
         int64_t s0 = ld(a, 0), lim = ld(b, 0), del = ld(d, 0);
         if (del == 0) return spu_fail(c->err, "instruction %d (range): delta is 0", k);
-        int64_t n = (lim - s0 + del + (del > 0 ? -1 : 1)) / del;
-        n = n > 0 ? n : 0;
-        if (n > MAX_ELEMENTS) return spu_fail(c->err, "instruction %d (range): too long", k);
+        wide w = ((wide)lim - s0 + del + (del > 0 ? -1 : 1)) / del;
+        if (w > SPU_MAX_ELEMENTS) return spu_fail(c->err, "instruction %d (range): too long", k);
+        int64_t n = w > 0 ? (int64_t)w : 0;
         if (tensor_alloc(out, a->dtype, 1, &n, c->err)) return -1;
-        for (int64_t i = 0; i < n; i++) st(out, i, s0 + i * del);
+        for (int64_t i = 0; i < n; i++) st(out, i, (int64_t)((wide)s0 + (wide)i * del));
         return 0;
     }
     case OP_TRANSPOSE: {

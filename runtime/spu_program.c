@@ -143,26 +143,31 @@ static int decode_constant(BufferDesc *b, uint32_t index, char *err) {
     return 0;
 }
 
+static int alloc_values(BufferDesc *b, uint32_t index, char *err) {
+    b->values = malloc(sizeof(int64_t) * (size_t)(b->numel ? b->numel : 1));
+    return b->values ? 0 : spu_fail(err, "buffer %u (%s): out of memory", index, b->name);
+}
+
 static int decode_values(BufferDesc *b, uint32_t index, char *err) {
     int64_t numel = 1;
     for (int k = 0; k < b->rank; k++) {
         if (b->dims[k].t || b->dims[k].p || b->dims[k].c < 0)
             return spu_fail(err, "buffer %u (%s): a constant must have a static shape", index, b->name);
         b->shape[k] = b->dims[k].c;
-        if (b->shape[k] && numel > (INT64_C(1) << 40) / b->shape[k])
-            return spu_fail(err, "buffer %u (%s): constant too large", index, b->name);
+        if (b->shape[k] && numel > SPU_MAX_ELEMENTS / b->shape[k])
+            return spu_fail(err, "buffer %u (%s): constant of more than 2**28 elements", index, b->name);
         numel *= b->shape[k];
     }
     b->numel = numel;
-    b->values = malloc(sizeof(int64_t) * (size_t)(numel ? numel : 1));
-    if (!b->values) return spu_fail(err, "buffer %u (%s): out of memory", index, b->name);
     const uint8_t *raw = b->blob;
     uint64_t n = b->nbytes;
+    /* every size is checked against the bytes before anything of that size is allocated */
     if (b->layout == LY_RAW) {
         int64_t size = spu_dtype_size(b->dtype);
         if (n != (uint64_t)(numel * size))
             return spu_fail(err, "constant %s has %llu bytes, its shape needs %lld", b->name, (unsigned long long)n,
                         (long long)(numel * size));
+        if (alloc_values(b, index, err)) return -1;
         for (int64_t i = 0; i < numel; i++) {
             const uint8_t *q = raw + i * size;
             switch (b->dtype) {
@@ -185,6 +190,7 @@ static int decode_values(BufferDesc *b, uint32_t index, char *err) {
         if (n != need)
             return spu_fail(err, "weight %s has %llu bytes, dense %u-bit needs %llu", b->name, (unsigned long long)n, b->bits,
                         (unsigned long long)need);
+        if (alloc_values(b, index, err)) return -1;
         for (int64_t i = 0; i < numel; i++) {
             if (four) {
                 int v = (raw[i / 2] >> ((i & 1) * 4)) & 0xF;
@@ -212,6 +218,7 @@ static int decode_values(BufferDesc *b, uint32_t index, char *err) {
     if (n != need)
         return spu_fail(err, "pencil weight %s has %llu bytes, %lld pencils need %llu", b->name, (unsigned long long)n,
                     (long long)pencils, (unsigned long long)need);
+    if (alloc_values(b, index, err)) return -1;
     b->pencils = pencils;
     b->pencil_index = malloc(sizeof(uint16_t) * (size_t)(pencils ? pencils : 1) + sizeof(uint32_t) * (size_t)(groups + 1));
     b->pencil_words = malloc((size_t)(pencils ? pencils : 1) * 8);

@@ -13,6 +13,7 @@
 
 #define SPU_MAX_RANK 6
 #define SPU_ERR_LEN 512
+#define SPU_MAX_ELEMENTS (INT64_C(1) << 28) /* largest tensor or constant: bounds memory and time on hostile programs */
 #define SPU_MAX_BANKS 16 /* statistics per bank for up to this many banks (the rest fold into the last) */
 
 enum { DT_I8, DT_I16, DT_I32, DT_I64, DT_BOOL, DT_U8, DT_COUNT };

@@ -99,5 +99,53 @@ def test_run_on_the_simulator_reports_latency_and_energy(build_w8a16, dev_utts, 
     assert len(enc) == 26 and all(0 < v["activation_density"] <= 1 for v in enc)
     utt = result["utterances"][0]
     assert utt["sim_decoder_steps"] == len(utt["tokens"]) + 1 and utt["sim_cycles"]["encoder"] > 0
-    assert (build_w8a16 / "sim-timeline.png").is_file()
+    assert (tmp_path / "sim-timeline.png").is_file() and not (build_w8a16 / "sim-timeline.png").exists()
     assert "latency per utterance" in capsys.readouterr().out
+
+
+def test_run_writes_nothing_unless_asked(build_w8a16, dev_utts, capsys, tmp_path, monkeypatch):
+    before = sorted(p.name for p in build_w8a16.iterdir())
+    monkeypatch.chdir(tmp_path)
+    data = str(dev_utts[0].audio_path.parent)
+    assert main(["run", str(build_w8a16), "--runtime", "sim", "--data", data, "--limit", "1", "--quiet"]) == 0
+    assert sorted(p.name for p in build_w8a16.iterdir()) == before and list(tmp_path.iterdir()) == []
+    assert "not written (--json OUT writes them, and the timeline beside them)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text, m: text[: len(text) // 2], "build.json: not valid JSON"),
+    (lambda text, m: "[1, 2]", "build.json: expected a JSON object, found list"),
+    (lambda text, m: json.dumps({k: v for k, v in m.items() if k not in ("programs", "quant")}), "missing quant, programs"),
+    (lambda text, m: json.dumps(dict(m, format="femtocc-build/9")), "format 'femtocc-build/9'"),
+    (lambda text, m: json.dumps(dict(m, programs=dict(m["programs"], encoder="../../../../../../etc/passwd"))),
+     "programs.encoder = '../../../../../../etc/passwd' is outside the build folder"),
+    (lambda text, m: json.dumps(dict(m, programs=dict(m["programs"], encoder="decoder_step.spu"))),
+     "graph 'decoder_step' in the program, 'encoder' in build.json"),
+    (lambda text, m: json.dumps(dict(m, target="spu002")), "target 'spu001' in the program, 'spu002' in build.json"),
+    (lambda text, m: json.dumps(dict(m, quant="w4a8")), "weight bits {8} in the program, {4} in build.json (quant w4a8)"),
+])
+def test_a_damaged_build_json_is_a_one_line_error(build_w8a16, tmp_path, capsys, edit, message):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(build_w8a16, copy)
+    text = (copy / "build.json").read_text()
+    (copy / "build.json").write_text(edit(text, json.loads(text)))
+    assert main(["run", str(copy), "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "internal error" not in err, err
+
+
+def test_run_transcribes_long_audio_on_the_compiled_programs(build_w8a16, dev_utts, tmp_path):
+    """A 37-s recording through the W8A16 programs on the reference runtime, window by window
+    (the same recording and bound as test_robustness.py on the float model)."""
+    from test_robustness import long_recording
+
+    utts = [u for u in dev_utts if 4 < len(u.audio()) / 16000 < 9][:6]
+    folder = long_recording(utts, tmp_path / "long")
+    out = tmp_path / "long.json"
+    assert main(["run", str(build_w8a16), "--data", str(folder), "--json", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    (utt,) = result["utterances"]
+    assert utt["duration_s"] > 35 and not utt["hit_limit"] and result["report"]["wer"] < 30
+    assert utt["hypothesis"].rstrip(".").endswith("health and zest")

@@ -2,6 +2,7 @@
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,50 @@ def test_a_dim_t_plus_p_binds_p_once_t_is_known(tmp_path):
         reference.run({"q": np.zeros((1, 4, 16), np.int16), "k": np.zeros((1, 3, 16), np.int16)})
     with pytest.raises(ProgramError, match="does not fit"):
         SimRuntime(data, TARGET).run({"q": np.zeros((1, 4, 16), np.int16), "k": np.zeros((1, 3, 16), np.int16)})
+
+
+REGRESSIONS = sorted((Path(__file__).parent / "fuzz" / "regressions").glob("*.spu-body"))
+
+
+def _run_both(program: bytes, feeds):
+    """(reference outputs or its error, simulator outputs or its error)."""
+    results = []
+    for run in (lambda: ReferenceRuntime(Program.from_bytes(program)).run(feeds),
+                lambda: SimRuntime(program, TARGET).run(feeds)[0]):
+        try:
+            results.append(run())
+        except ProgramError as e:
+            assert str(e)
+            results.append(e)
+    return results
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: p.stem)
+def test_fuzzer_findings(path):
+    """Every input the libFuzzer harness (tests/fuzz/spu_fuzz.c) ever crashed on: both validators
+    agree on it, and where both accept it, the two runtimes give the same outputs or both refuse."""
+    program = reseal(path.read_bytes())
+    verdicts = []
+    for validate in (Program.from_bytes, lambda b: SimRuntime(b, TARGET)):
+        try:
+            validate(program)
+            verdicts.append(None)
+        except ProgramError as e:
+            verdicts.append(str(e).split(": ", 1)[1])
+    assert (verdicts[0] is None) == (verdicts[1] is None), verdicts
+    if verdicts[0] is None:
+        x = np.random.default_rng(0).integers(-100, 100, (1, 3, 32)).astype(np.int16)
+        ref, sim = _run_both(program, {"x": x})
+        assert isinstance(ref, ProgramError) == isinstance(sim, ProgramError)
+        if not isinstance(ref, ProgramError):
+            assert all(np.array_equal(ref[k], sim[k]) for k in ref)
+
+
+def test_a_sparse_constant_too_large_to_decode_is_refused_before_allocation():
+    """The fuzzer's first finding: a pencil8 weight declaring 33,554,464 x 64 inputs behind 612 bytes
+    made the simulator allocate 16 GiB (the Python loader accepted it too)."""
+    program = reseal((Path(__file__).parent / "fuzz" / "regressions" / "oom-constant-shape-unbacked.spu-body").read_bytes())
+    with pytest.raises(ProgramError, match=r"w1.q has more than 2\*\*28 elements"):
+        Program.from_bytes(program)
+    with pytest.raises(ProgramError, match=r"w1.q.*more than 2\*\*28 elements"):
+        SimRuntime(program, TARGET)

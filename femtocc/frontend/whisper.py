@@ -338,6 +338,14 @@ def save_bundle(bundle: WhisperBundle, folder: str | Path) -> Path:
     return folder
 
 
+def read_json(path: Path):
+    """A JSON file's value; a file that is not UTF-8 JSON is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FemtoccError(f"{path}: not valid JSON ({e})") from None
+
+
 def _load_hf_folder(folder: Path, name: str, digest: str | None = None) -> WhisperBundle:
     import torch
     from tokenizers import Tokenizer
@@ -357,8 +365,11 @@ def _load_hf_folder(folder: Path, name: str, digest: str | None = None) -> Whisp
     manifest_file = folder / "femtocc.json"
     metadata = {}
     if manifest_file.is_file():
-        manifest = json.loads(manifest_file.read_text())
-        settings = DecodeSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["decode"].items()})
+        manifest = read_json(manifest_file)
+        try:
+            settings = DecodeSettings(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["decode"].items()})
+        except (TypeError, KeyError, AttributeError):
+            raise FemtoccError(f"{manifest_file}: no valid 'decode' settings; write the folder again with femtocc prune") from None
         digest = digest or manifest.get("source_sha256", "")
         metadata = manifest.get("metadata", {})
     else:
@@ -399,7 +410,8 @@ def load_whisper(source: str) -> WhisperBundle:
         cfg = path / "config.json"
         if not cfg.is_file():
             raise FemtoccError(f"{path}: not a model folder (no config.json or model.bin)")
-        if json.loads(cfg.read_text()).get("model_type") != "whisper":
+        config = read_json(cfg)
+        if not isinstance(config, dict) or config.get("model_type") != "whisper":
             raise FemtoccError(f"{cfg}: model_type is not 'whisper'")
         return _load_hf_folder(path, path.name)
     if path.exists():
