@@ -38,7 +38,7 @@ def build(work: Path) -> Path:
         sys.exit("fuzz: clang not found (Debian: apt-get install clang libclang-rt-14-dev)")
     binary = work / "spu_fuzz"
     sources = [REPO / "tests/fuzz/spu_fuzz.c", REPO / "runtime/spu_program.c", REPO / "runtime/spu_exec.c"]
-    cmd = [clang, *FLAGS, f"-I{REPO / 'runtime'}", *map(str, sources), "-lm", "-o", str(binary)]
+    cmd = [clang, *FLAGS, f"-I{REPO / 'runtime'}", *map(str, sources), "-lm", "-pthread", "-o", str(binary)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"fuzz: building the harness failed:\n{done.stderr}")

@@ -33,9 +33,17 @@ class ReferenceRuntime:
         self.program = program
         self.consts = {i: decode_constant(b) for i, b in enumerate(program.buffers) if b.region in CONSTANT_REGIONS}
         self.steps = []
+        # qdense weights in float64, once: qops.exact_matmul takes them as they are (exact: int8 values)
+        weights = {}
         for k, ins in enumerate(program.code):
             attrs = decode_params(ins, f"instruction {k}")
-            self.steps.append((k, ins, OPS[ins.op].run, attrs))
+            operands = list(ins.inputs)
+            if ins.op == "qdense" and operands[1] in self.consts:
+                w = operands[1]
+                weights.setdefault(w, self.consts[w].astype(np.float64))
+                operands[1] = ("f64", w)
+            self.steps.append((k, ins, OPS[ins.op].run, attrs, operands))
+        self.weights = weights
 
     def bind(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
         """``T`` and ``P`` from the inputs' shapes (:func:`solve_sizes`; :meth:`run` checks every dim)."""
@@ -59,8 +67,9 @@ class ReferenceRuntime:
             if any(w is not None and w != n for w, n in zip(want, x.shape)):
                 raise ProgramError(f"{p.graph}: input {s.name} has shape {list(x.shape)}, expected {list(want)}")
             env[s.buffer] = x
-        for k, ins, fn, attrs in self.steps:
-            args = [env[b] for b in ins.inputs] + ([None] if ins.op == "qdense" else [])
+        for k, ins, fn, attrs, operands in self.steps:
+            args = [self.weights[b[1]] if isinstance(b, tuple) else env[b] for b in operands]
+            args += [None] if ins.op == "qdense" else []
             try:
                 results = fn(args, attrs)
             except (IndexError, ValueError, ZeroDivisionError, OverflowError) as e:

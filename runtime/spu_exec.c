@@ -6,12 +6,56 @@
  * fit, a reshape that cannot be satisfied) is an error message, never undefined behaviour.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "spusim.h"
+
+/* ------------------------------------------------------------------------------------------ host threads */
+
+/* The host work of the big ops (qdense, qmatmul, qsoftmax) is split over threads by rows. Only the
+ * arithmetic is shared out: every count the simulator keeps is a sum of integers (exact in a double
+ * whatever the order), so results and statistics are the same for any number of threads.
+ * FEMTOCC_SIM_THREADS sets the number (default: the online CPUs, at most SPU_MAX_THREADS). */
+#define SPU_MAX_THREADS 16
+#define PARALLEL_MIN_WORK 2e6 /* multiply-adds below which an op runs on the calling thread */
+
+typedef void (*RangeFn)(void *ctx, int64_t begin, int64_t end, int slot);
+typedef struct { RangeFn fn; void *ctx; int64_t begin, end; int slot; } Job;
+
+static void *job_main(void *arg) {
+    Job *j = arg;
+    j->fn(j->ctx, j->begin, j->end, j->slot);
+    return NULL;
+}
+
+static int host_threads(void) {
+    const char *env = getenv("FEMTOCC_SIM_THREADS");
+    long n = env && *env ? strtol(env, NULL, 10) : sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > SPU_MAX_THREADS ? SPU_MAX_THREADS : (int)n);
+}
+
+/* fn over [0, n) in contiguous parts, one per thread, the calling thread taking the first; slot i
+ * gets the i-th part, so per-slot results combine in row order. Returns the number of parts. */
+static int parallel_for(int64_t n, double work, RangeFn fn, void *ctx) {
+    int64_t t = work < PARALLEL_MIN_WORK ? 1 : host_threads();
+    if (t > n) t = n > 0 ? n : 1;
+    Job jobs[SPU_MAX_THREADS];
+    pthread_t threads[SPU_MAX_THREADS];
+    int started[SPU_MAX_THREADS] = {0};
+    for (int64_t i = 0; i < t; i++) jobs[i] = (Job){fn, ctx, n * i / t, n * (i + 1) / t, (int)i};
+    for (int64_t i = 1; i < t; i++) started[i] = pthread_create(&threads[i], NULL, job_main, &jobs[i]) == 0;
+    job_main(&jobs[0]);
+    for (int64_t i = 1; i < t; i++) {
+        if (started[i]) pthread_join(threads[i], NULL);
+        else job_main(&jobs[i]); /* no thread to be had: do its part here */
+    }
+    return (int)t;
+}
 
 
 /* ------------------------------------------------------------------------------------------ tensors */
@@ -226,11 +270,37 @@ HOT static void dense_row(const int32_t *x, const int8_t *w, int64_t K, int64_t 
 }
 
 /* sum_k a[k] * b[k] for int16-range operands: each product fits int32, the sum is int64 */
-HOT static int64_t dot16(const int16_t *a, const int16_t *b, int64_t K) {
+static int64_t dot16_plain(const int16_t *a, const int16_t *b, int64_t K) {
     int64_t acc = 0;
     for (int64_t k = 0; k < K; k++) acc += (int32_t)a[k] * (int32_t)b[k];
     return acc;
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+/* the same with AVX2: vpmaddwd adds pairs of products in int32, exact unless a pair is
+   (-32768 * -32768) * 2 (2**31), which the caller rules out by keeping -32768 out of a */
+__attribute__((target("avx2"))) static int64_t dot16_avx2(const int16_t *a, const int16_t *b, int64_t K) {
+    __m256i acc = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256i p = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(a + k)), _mm256_loadu_si256((const __m256i *)(b + k)));
+        acc = _mm256_add_epi64(acc, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(p)),
+                                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(p, 1))));
+    }
+    int64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, acc);
+    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + dot16_plain(a + k, b + k, K - k);
+}
+static int have_avx2(void) {
+    static int known = -1;
+    if (known < 0) known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    return known;
+}
+#else
+static int64_t dot16_avx2(const int16_t *a, const int16_t *b, int64_t K) { return dot16_plain(a, b, K); }
+static int have_avx2(void) { return 0; }
+#endif
 
 /* pencil8 rows: acc[r][8g + j] += sum over the group's pencils q of X[r][index[q]] * words[q][j], for up to
    ROWS rows at once (each pencil's 8 weights are loaded once per row block); int32 partial sums over
@@ -258,6 +328,55 @@ HOT static void pencil_rows(const int32_t *xt, const uint32_t *offsets, const ui
     }
 }
 
+typedef struct {
+    const Tensor *x;
+    Tensor *out;
+    const BufferDesc *w, *bias, *mult;
+    const Instr *ins;
+    const double *uses; /* MACs each nonzero input issues */
+    int pencil;
+    int64_t K, N, rows;
+    double issued[SPU_MAX_THREADS], nonzero[SPU_MAX_THREADS];
+    int oom[SPU_MAX_THREADS];
+} DenseWork;
+
+/* qdense over row blocks [b0, b1) of ROWS rows each */
+static void qdense_part(void *arg, int64_t b0, int64_t b1, int slot) {
+    DenseWork *d = arg;
+    const int64_t K = d->K, N = d->N;
+    int64_t *acc = malloc(sizeof(int64_t) * (size_t)(ROWS * N + 1));
+    int32_t *part = malloc(sizeof(int32_t) * (size_t)(N + 1));
+    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(ROWS * K + 1));
+    const int8_t *w8 = (const int8_t *)d->w->native; /* dense layout: the weight as loaded */
+    double issued = 0, nonzero = 0;
+    if (!acc || !part || !xr) {
+        d->oom[slot] = 1;
+        b1 = b0;
+    }
+    for (int64_t blk = b0; blk < b1; blk++) {
+        int64_t r0 = blk * ROWS, R = d->rows - r0 < ROWS ? d->rows - r0 : ROWS;
+        for (int64_t r = 0; r < ROWS; r++) {
+            for (int64_t kk = 0; kk < K; kk++) {
+                int32_t v = r < R ? (int32_t)ld(d->x, (r0 + r) * K + kk) : 0;
+                if (d->pencil) xr[kk * ROWS + r] = v; else xr[r * K + kk] = v;
+                if (v) { nonzero += 1; issued += d->uses[kk]; }
+            }
+            for (int64_t n = 0; n < N; n++) acc[r * N + n] = d->bias->values[n];
+        }
+        if (d->pencil)
+            pencil_rows(xr, d->w->pencil_offsets, d->w->pencil_index, d->w->pencil_words, N / 8, acc, N);
+        else
+            for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w8, K, N, acc + r * N, part);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t n = 0; n < N; n++)
+                st(d->out, (r0 + r) * N + n,
+                   saturate(requant(acc[r * N + n], d->mult->values[n], d->ins->a[0]), d->ins->a[1]));
+    }
+    free(acc); free(part); free(xr);
+    d->issued[slot] = issued;
+    d->nonzero[slot] = nonzero;
+}
+
 static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *x = &c->env[operand(ins, 0)];
     const BufferDesc *w = const_of(c, operand(ins, 1)), *bias = const_of(c, operand(ins, 2)), *mult = const_of(c, operand(ins, 3));
@@ -275,46 +394,68 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
         if (bias->values[n] > (INT64_C(1) << 50) || bias->values[n] < -(INT64_C(1) << 50))
             return spu_fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
     int pencil = w->layout == LY_PENCIL8;
-    int64_t *acc = malloc(sizeof(int64_t) * (size_t)(ROWS * N + 1));
-    int32_t *part = malloc(sizeof(int32_t) * (size_t)(N + 1));
-    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(ROWS * K + 1));
-    const int8_t *w8 = (const int8_t *)w->native; /* dense layout: the weight as loaded */
-    double *uses = malloc(sizeof(double) * (size_t)(K + 1)); /* MACs each nonzero input issues */
-    if (!acc || !part || !xr || !uses) {
-        free(acc); free(part); free(xr); free(uses);
-        return spu_fail(c->err, "out of memory");
-    }
+    double *uses = malloc(sizeof(double) * (size_t)(K + 1));
+    if (!uses) return spu_fail(c->err, "out of memory");
     for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : (double)N;
     if (pencil)
         for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += 8;
-    double total_per_row = 0, issued = 0, nonzero = 0;
+    double total_per_row = 0;
     for (int64_t kk = 0; kk < K; kk++) total_per_row += uses[kk];
-    for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
-        int64_t R = rows - r0 < ROWS ? rows - r0 : ROWS;
-        for (int64_t r = 0; r < ROWS; r++) {
-            for (int64_t kk = 0; kk < K; kk++) {
-                int32_t v = r < R ? (int32_t)ld(x, (r0 + r) * K + kk) : 0;
-                if (pencil) xr[kk * ROWS + r] = v; else xr[r * K + kk] = v;
-                if (v) { nonzero += 1; issued += uses[kk]; }
-            }
-            for (int64_t n = 0; n < N; n++) acc[r * N + n] = bias->values[n];
-        }
-        if (pencil)
-            pencil_rows(xr, w->pencil_offsets, w->pencil_index, w->pencil_words, N / 8, acc, N);
-        else
-            for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w8, K, N, acc + r * N, part);
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t n = 0; n < N; n++)
-                st(out, (r0 + r) * N + n, saturate(requant(acc[r * N + n], mult->values[n], ins->a[0]), ins->a[1]));
+    DenseWork d = {.x = x, .out = out, .w = w, .bias = bias, .mult = mult, .ins = ins, .uses = uses, .pencil = pencil,
+                   .K = K, .N = N, .rows = rows};
+    int parts = parallel_for((rows + ROWS - 1) / ROWS, (double)rows * (double)K * (double)N, qdense_part, &d);
+    free(uses);
+    double issued = 0, nonzero = 0;
+    for (int i = 0; i < parts; i++) {
+        if (d.oom[i]) return spu_fail(c->err, "out of memory");
+        issued += d.issued[i];
+        nonzero += d.nonzero[i];
     }
     double all = total_per_row * (double)rows;
-    free(acc); free(part); free(xr); free(uses);
     s->macs = c->cfg->skip_zero_activations ? issued : all;
     s->macs_skipped = all - s->macs;
     s->act_nonzero = nonzero;
     s->act_total = (double)x->numel;
     s->lookups = pencil ? s->macs / 8 : 0; /* pencil index decodes */
     return 0;
+}
+
+typedef struct {
+    const Tensor *a;
+    Tensor *out;
+    const int16_t *btr; /* the batch's b, transposed: [N][K] */
+    const Instr *ins;
+    int64_t K, N, aoff, ooff;
+    int skip;
+    double issued[SPU_MAX_THREADS], skipped[SPU_MAX_THREADS];
+    int oom[SPU_MAX_THREADS];
+} MatmulWork;
+
+/* rows [m0, m1) of one batch of a qmatmul */
+static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
+    MatmulWork *w = arg;
+    const int64_t K = w->K, N = w->N;
+    int16_t *arow = malloc(sizeof(int16_t) * (size_t)(K + 1));
+    double issued = 0, skipped = 0;
+    w->oom[slot] = !arow;
+    for (int64_t m = m0; m < m1 && arow; m++) {
+        int64_t nz = 0;
+        int lowest = 0; /* a row holding -32768 takes the plain dot product (see dot16_avx2) */
+        for (int64_t kk = 0; kk < K; kk++) {
+            arow[kk] = (int16_t)ld(w->a, w->aoff + m * K + kk);
+            nz += arow[kk] != 0;
+            lowest |= arow[kk] == INT16_MIN;
+        }
+        issued += (double)(w->skip ? nz : K) * (double)N;
+        skipped += (double)(w->skip ? K - nz : 0) * (double)N;
+        int64_t (*dot)(const int16_t *, const int16_t *, int64_t) = have_avx2() && !lowest ? dot16_avx2 : dot16_plain;
+        for (int64_t n = 0; n < N; n++)
+            st(w->out, w->ooff + m * N + n,
+               saturate(requant(dot(arow, w->btr + n * K, K), w->ins->a[0], w->ins->a[1]), w->ins->a[2]));
+    }
+    free(arow);
+    w->issued[slot] = issued;
+    w->skipped[slot] = skipped;
 }
 
 static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
@@ -336,30 +477,30 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     shape[bc.rank] = M;
     shape[bc.rank + 1] = N;
     if (tensor_alloc(out, bits_dtype(ins->a[2]), bc.rank + 2, shape, c->err)) return -1;
-    int16_t *arow = malloc(sizeof(int16_t) * (size_t)(K + 1));
     int16_t *btr = malloc(sizeof(int16_t) * (size_t)(K * N + 1)); /* b transposed: [N][K] */
-    if (!arow || !btr) { free(arow); free(btr); return spu_fail(c->err, "out of memory"); }
+    if (!btr) return spu_fail(c->err, "out of memory");
+    MatmulWork w = {.a = a, .out = out, .btr = btr, .ins = ins, .K = K, .N = N, .skip = (int)c->cfg->skip_zero_activations};
     double issued = 0, skipped = 0;
     int64_t last_b = -1;
-    int skip = (int)c->cfg->skip_zero_activations;
+    int oom = 0;
     BCAST_LOOP(bc, 2, {
-        int64_t aoff = off[0] * M * K, boff = off[1] * K * N, ooff = out_ * M * N;
+        int64_t boff = off[1] * K * N;
         if (boff != last_b) {
             for (int64_t kk = 0; kk < K; kk++)
                 for (int64_t n = 0; n < N; n++) btr[n * K + kk] = (int16_t)ld(b, boff + kk * N + n);
             last_b = boff;
         }
-        for (int64_t m = 0; m < M; m++) {
-            int64_t nz = 0;
-            for (int64_t kk = 0; kk < K; kk++) { arow[kk] = (int16_t)ld(a, aoff + m * K + kk); nz += arow[kk] != 0; }
-            issued += (double)(skip ? nz : K) * (double)N;
-            skipped += (double)(skip ? K - nz : 0) * (double)N;
-            for (int64_t n = 0; n < N; n++)
-                st(out, ooff + m * N + n, saturate(requant(dot16(arow, btr + n * K, K), ins->a[0], ins->a[1]), ins->a[2]));
+        w.aoff = off[0] * M * K;
+        w.ooff = out_ * M * N;
+        int parts = parallel_for(M, (double)M * (double)K * (double)N, qmatmul_part, &w);
+        for (int i = 0; i < parts; i++) {
+            issued += w.issued[i];
+            skipped += w.skipped[i];
+            oom |= w.oom[i];
         }
     });
-    free(arow);
     free(btr);
+    if (oom) return spu_fail(c->err, "out of memory");
     s->macs = issued;
     s->macs_skipped = skipped;
     return 0;
@@ -423,6 +564,38 @@ static int op_unary_table(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     return 0;
 }
 
+typedef struct {
+    const Tensor *x;
+    Tensor *out;
+    const BufferDesc *table;
+    int64_t n, step, bits;
+    int fail[SPU_MAX_THREADS]; /* 0, or 1 out of memory, 2 outside the table, 3 negative entry, 4 bad row sum */
+    int64_t total[SPU_MAX_THREADS];
+} SoftmaxWork;
+
+/* rows [r0, r1) of a qsoftmax; a part stops at its first bad row */
+static void qsoftmax_part(void *arg, int64_t r0, int64_t r1, int slot) {
+    SoftmaxWork *w = arg;
+    const int64_t n = w->n, step = w->step, bits = w->bits;
+    int64_t *e = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    w->fail[slot] = e ? 0 : 1;
+    for (int64_t r = r0; r < r1 && !w->fail[slot]; r++) {
+        int64_t m = INT64_MIN, total = 0;
+        for (int64_t j = 0; j < n; j++) { int64_t v = ld(w->x, r * n + j); m = v > m ? v : m; }
+        for (int64_t j = 0; j < n && !w->fail[slot]; j++) {
+            int64_t d = m - ld(w->x, r * n + j);
+            if ((d >> step) + (step ? 1 : 0) >= w->table->numel) { w->fail[slot] = 2; break; }
+            e[j] = lut(w->table, d, step);
+            if (e[j] < 0) { w->fail[slot] = 3; break; }
+            total += e[j];
+        }
+        if (!w->fail[slot] && total <= 0) { w->fail[slot] = 4; w->total[slot] = total; }
+        for (int64_t j = 0; j < n && !w->fail[slot]; j++)
+            st(w->out, r * n + j, saturate((e[j] * ((int64_t)1 << (bits - 1)) + total / 2) / total, bits));
+    }
+    free(e);
+}
+
 static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *x = &c->env[operand(ins, 0)];
     const BufferDesc *table = const_of(c, operand(ins, 1));
@@ -432,22 +605,14 @@ static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats 
         return spu_fail(c->err, "instruction %d (qsoftmax): table must be an i32 constant of 2**(input bits - step_bits)+1 entries", k);
     if (tensor_alloc(out, bits_dtype(bits), x->rank, x->shape, c->err)) return -1;
     int64_t n = x->shape[x->rank - 1], rows = n ? x->numel / n : 0;
-    int64_t *e = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
-    if (!e) return spu_fail(c->err, "out of memory");
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t m = INT64_MIN, total = 0;
-        for (int64_t j = 0; j < n; j++) { int64_t v = ld(x, r * n + j); m = v > m ? v : m; }
-        for (int64_t j = 0; j < n; j++) {
-            int64_t d = m - ld(x, r * n + j);
-            if ((d >> step) + (step ? 1 : 0) >= table->numel) { free(e); return spu_fail(c->err, "instruction %d (qsoftmax): input outside the table", k); }
-            e[j] = lut(table, d, step);
-            if (e[j] < 0) { free(e); return spu_fail(c->err, "instruction %d (qsoftmax): negative exp table entry", k); }
-            total += e[j];
-        }
-        if (total <= 0) { free(e); return spu_fail(c->err, "instruction %d (qsoftmax): row sums to %lld", k, (long long)total); }
-        for (int64_t j = 0; j < n; j++) st(out, r * n + j, saturate((e[j] * ((int64_t)1 << (bits - 1)) + total / 2) / total, bits));
+    SoftmaxWork w = {.x = x, .out = out, .table = table, .n = n, .step = step, .bits = bits};
+    int parts = parallel_for(rows, 4.0 * (double)x->numel, qsoftmax_part, &w);
+    for (int i = 0; i < parts; i++) { /* the first failing row, as one thread would have met it */
+        if (w.fail[i] == 1) return spu_fail(c->err, "out of memory");
+        if (w.fail[i] == 2) return spu_fail(c->err, "instruction %d (qsoftmax): input outside the table", k);
+        if (w.fail[i] == 3) return spu_fail(c->err, "instruction %d (qsoftmax): negative exp table entry", k);
+        if (w.fail[i] == 4) return spu_fail(c->err, "instruction %d (qsoftmax): row sums to %lld", k, (long long)w.total[i]);
     }
-    free(e);
     s->elements = (double)x->numel;
     s->lookups = (double)x->numel;
     return 0;

@@ -33,6 +33,8 @@ output LSB for the linear ops, two for the table ops.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import special
 
@@ -80,18 +82,38 @@ def isqrt(q: np.ndarray) -> np.ndarray:
 
 
 def exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Integer matmul through float64 (exact while every partial sum stays below 2**53)."""
-    return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
+    """Integer matmul through float64 (exact while every partial sum stays below 2**53). An operand
+    already in float64 (a runtime's cached copy of a constant weight) is used as it is."""
+    return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64)).astype(np.int64)
 
 
-def lut_interpolate(u: np.ndarray, table: np.ndarray, step_bits: int) -> np.ndarray:
-    """Piecewise-linear table lookup at non-negative integer positions ``u``."""
+def _lut_direct(u: np.ndarray, table: np.ndarray, step_bits: int) -> np.ndarray:
     i = u >> step_bits
     lo = table[i].astype(np.int64)
     if step_bits == 0:
         return lo
     hi = table[i + 1].astype(np.int64)
     return lo + rshift_round((hi - lo) * (u & ((1 << step_bits) - 1)), step_bits)
+
+
+@functools.lru_cache(maxsize=32)
+def _lut_every_position(table: bytes, step_bits: int) -> np.ndarray:
+    """The interpolated value at every position the table covers (at most 2**16 + 1 of them)."""
+    t = np.frombuffer(table, np.int32)
+    n = (len(t) - 1) << step_bits if step_bits else len(t)
+    return _lut_direct(np.arange(n, dtype=np.int64), t, step_bits)
+
+
+def lut_interpolate(u: np.ndarray, table: np.ndarray, step_bits: int) -> np.ndarray:
+    """Piecewise-linear table lookup at non-negative integer positions ``u``: the value at
+    ``u`` is ``table[i] + round((table[i + 1] - table[i]) * f / 2**step_bits)`` for
+    ``u = i * 2**step_bits + f`` (``table[u]`` when ``step_bits`` is 0). Positions outside the table
+    are an error. Computed once per table for every position, then gathered."""
+    every = _lut_every_position(np.ascontiguousarray(table, np.int32).tobytes(), step_bits)
+    if u.size and (int(u.min()) < 0 or int(u.max()) >= len(every)):
+        raise ValueError(f"table position {int(u.min()) if int(u.min()) < 0 else int(u.max())} outside the "
+                         f"{len(every)} the table covers")
+    return every[u]
 
 
 def _check_int(t: TensorType, what: str, dtypes=("i8", "i16")):
@@ -126,11 +148,24 @@ _dequantize.infer(lambda t, a, c: [TensorType("f32", t[0].shape)])
 # ----------------------------------------------------------------------------- linear
 
 
+BLOCK = 1 << 16  # int64 intermediates are made this many elements at a time, so they stay in the cache
+
+
+def _row_blocks(rows: int, row_elements: int, least: int = 1):
+    """[start, stop) blocks of rows holding about BLOCK elements each (at least ``least`` rows)."""
+    step = max(least, BLOCK // max(row_elements, 1))
+    return ((r, min(r + step, rows)) for r in range(0, rows, step))
+
+
 @op("qdense", None, (5, 5))
 def _qdense(xs, attrs):
     x, w, bias, mult, _ = xs
-    acc = exact_matmul(x, w) + bias
-    return [saturate(rshift_round(acc * mult, attrs["shift"]), attrs["bits"])]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = np.empty((x2.shape[0], w.shape[1]), DTYPES[qdtype(attrs["bits"])])
+    for a, b in _row_blocks(x2.shape[0], w.shape[1], least=64):  # rows are independent
+        acc = exact_matmul(x2[a:b], w) + bias
+        out[a:b] = saturate(rshift_round(acc * mult, attrs["shift"]), attrs["bits"])
+    return [out.reshape(*x.shape[:-1], w.shape[1])]
 
 
 @_qdense.infer
@@ -145,7 +180,16 @@ def _(t, a, c):
 
 @op("qmatmul", None, (2, 2))
 def _qmatmul(xs, attrs):
-    return [saturate(rshift_round(exact_matmul(xs[0], xs[1]) * attrs["mult"], attrs["shift"]), attrs["bits"])]
+    a, b = xs
+    if a.ndim < 2 or b.ndim < 2:
+        return [saturate(rshift_round(exact_matmul(a, b) * attrs["mult"], attrs["shift"]), attrs["bits"])]
+    m, n = a.shape[-2], b.shape[-1]
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = np.empty((*batch, m, n), DTYPES[qdtype(attrs["bits"])])
+    for r0, r1 in _row_blocks(m, n * max(int(np.prod(batch)), 1), least=16):  # rows of a are independent
+        acc = exact_matmul(a[..., r0:r1, :], b)
+        out[..., r0:r1, :] = saturate(rshift_round(acc * attrs["mult"], attrs["shift"]), attrs["bits"])
+    return [out]
 
 
 @_qmatmul.infer
@@ -213,12 +257,16 @@ def softmax_table_entries(input_bits: int, step_bits: int) -> int:
 @op("qsoftmax", None, (2, 2))
 def _qsoftmax(xs, attrs):
     x, table = xs
-    x = x.astype(np.int64)
-    d = x.max(axis=-1, keepdims=True) - x
-    e = lut_interpolate(d, table, attrs["step_bits"])
-    total = e.sum(axis=-1, keepdims=True)
-    p = (e * (1 << (attrs["bits"] - 1)) + total // 2) // total
-    return [saturate(p, attrs["bits"])]
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    out = np.empty(rows.shape, DTYPES[qdtype(attrs["bits"])])
+    for a, b in _row_blocks(rows.shape[0], rows.shape[1]):  # each row on its own
+        xi = rows[a:b].astype(np.int32)
+        d = xi.max(axis=-1, keepdims=True) - xi
+        e = lut_interpolate(d, table, attrs["step_bits"])
+        total = e.sum(axis=-1, keepdims=True)
+        p = (e * (1 << (attrs["bits"] - 1)) + total // 2) // total
+        out[a:b] = saturate(p, attrs["bits"])
+    return [out.reshape(x.shape)]
 
 
 @_qsoftmax.infer
