@@ -303,28 +303,20 @@ def cmd_compile(args) -> int:
 
 def cmd_run(args) -> int:
     from femtocc.cache import atomic_write
-    from femtocc.decode import GraphBackend, build_runners, score, transcribe
+    from femtocc.decode import build_target, read_build, run_build, score
     from femtocc.frontend.whisper import load_whisper
 
     json_path = _check_json(args.json)
-    sink: list = []
-    runners, manifest = build_runners(args.build, args.runtime, sink)
-    bundle = load_whisper(manifest["model"])
-    backend = GraphBackend(f"spu001-{args.runtime}", runners, bundle.config)
+    manifest, _ = read_build(args.build)
     utts = _utterances(args)
-    transcripts, per_utt = [], []
+    bundle = load_whisper(manifest["model"])
+    transcripts, runs = run_build(args.build, args.runtime, utts, args.workers, progress=not args.quiet)
+    per_utt, sink = [], [r for rs in runs for r in rs]
     if args.runtime == "sim":
-        from femtocc.decode import build_target
-        from femtocc.progress import progress
         from femtocc.runtime.report import utterance_stats
 
         clock_hz = build_target(manifest).facts.clock_hz
-        for u in progress(utts, "transcribe [sim]", "utt", enabled=not args.quiet):
-            start = len(sink)
-            transcripts += transcribe(bundle, backend, [u])
-            per_utt.append(utterance_stats(sink[start:], transcripts[-1], clock_hz))
-    else:
-        transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
+        per_utt = [utterance_stats(rs, t, clock_hz) for rs, t in zip(runs, transcripts)]
     report = score(transcripts, dense_reference(bundle, utts))
     report["build"] = {k: manifest[k] for k in ("model", "target", "quant", "pruning")}
     timeline = json_path and json_path.with_name(f"{json_path.stem}-timeline.png")
@@ -472,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=RUNTIMES, default="reference")
     p.add_argument("--json", metavar="OUT", help="write per-utterance results to OUT, and with --runtime sim the "
                                                   "timeline to OUT's name + -timeline.png (default: none written)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="transcribe utterances in this many processes at once (same results; default 1)")
     p.add_argument("--quiet", action="store_true")
     _data_args(p)
     p.set_defaults(func=cmd_run)

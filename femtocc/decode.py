@@ -259,6 +259,60 @@ def build_runners(build_dir, runtime: str = "reference", sink: list | None = Non
     return {w: SimRuntime(b, target, where[w]).runner(sink) for w, b in data.items()}, manifest
 
 
+_WORKER: dict = {}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FEMTOCC_SIM_THREADS": "1"}
+
+
+def _worker_start(build_dir, runtime: str) -> None:
+    from femtocc.frontend.whisper import load_whisper
+
+    sink: list = []
+    runners, manifest = build_runners(build_dir, runtime, sink)
+    bundle = load_whisper(manifest["model"])
+    _WORKER.update(bundle=bundle, backend=GraphBackend(f"spu001-{runtime}", runners, bundle.config), sink=sink)
+
+
+def _worker_transcribe(u: Utterance):
+    sink = _WORKER["sink"]
+    (t,) = transcribe(_WORKER["bundle"], _WORKER["backend"], [u])
+    runs = sink[:]
+    sink.clear()
+    return t, runs
+
+
+def run_build(build_dir, runtime: str, utts: list[Utterance], workers: int = 1,
+              progress: bool = False) -> tuple[list[Transcript], list[list]]:
+    """Transcripts of ``utts`` on a build's programs, and each utterance's simulator runs (empty
+    lists on the reference runtime). ``workers`` > 1 spreads the utterances over that many spawned
+    processes, each single-threaded: the arithmetic is exact integer arithmetic, so the results
+    are the same, in the same order, as one worker's."""
+    import os
+
+    from femtocc.progress import progress as steps
+
+    desc = f"transcribe [spu001-{runtime}]"
+    if workers <= 1:
+        _worker_start(build_dir, runtime)
+        results = [_worker_transcribe(u) for u in steps(utts, desc, "utt", enabled=progress)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        saved = {k: os.environ.get(k) for k in ONE_THREAD}
+        os.environ.update(ONE_THREAD)  # the spawned workers inherit it
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_worker_start, initargs=(str(build_dir), runtime)) as pool:
+                results = list(steps(pool.map(_worker_transcribe, utts), desc, "utt", enabled=progress, total=len(utts)))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return [t for t, _ in results], [r for _, r in results]
+
+
 # ----------------------------------------------------------------------------- decoding
 
 

@@ -149,3 +149,19 @@ def test_run_transcribes_long_audio_on_the_compiled_programs(build_w8a16, dev_ut
     (utt,) = result["utterances"]
     assert utt["duration_s"] > 35 and not utt["hit_limit"] and result["report"]["wer"] < 30
     assert utt["hypothesis"].rstrip(".").endswith("health and zest")
+
+
+@pytest.mark.parametrize("runtime", ["reference", "sim"])
+def test_run_with_two_workers_gives_what_one_worker_gives(build_w8a16, dev_utts, tmp_path, runtime):
+    data = str(dev_utts[0].audio_path.parent)
+    results = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"{workers}.json"
+        assert main(["run", str(build_w8a16), "--runtime", runtime, "--data", data, "--split", "eval", "--limit", "3",
+                     "--workers", workers, "--json", str(out), "--quiet"]) == 0
+        result = json.loads(out.read_text())
+        for u in result["utterances"]:
+            del u["seconds"]  # host time
+        result["report"].pop("seconds")
+        results.append((result["utterances"], result["report"]))
+    assert results[0] == results[1]
