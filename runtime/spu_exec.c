@@ -292,12 +292,34 @@ __attribute__((target("avx2"))) static int64_t dot16_avx2(const int16_t *a, cons
     _mm256_storeu_si256((__m256i *)lanes, acc);
     return lanes[0] + lanes[1] + lanes[2] + lanes[3] + dot16_plain(a + k, b + k, K - k);
 }
-static int have_avx2(void) {
-    static int known = -1;
-    if (known < 0) known = __builtin_cpu_supports("avx2") ? 1 : 0;
-    return known;
+static int have_avx2(void) { return __builtin_cpu_supports("avx2"); }
+/* dense_row with AVX2 on pair-interleaved weights (BufferDesc.weight_pairs): vpmaddwd takes two
+   inputs at once, x[2p] * w[2p][n] + x[2p+1] * w[2p+1][n] (|.| <= 2**23) in int32, partial sums
+   over 128 pairs (|partial| <= 2**30) flushed into int64: exact, like dense_row */
+__attribute__((target("avx2"))) static void dense_row_pairs(const int32_t *x, const int16_t *wp, int64_t K, int64_t N,
+                                                            int64_t *acc, int32_t *part) {
+    const int64_t P = (K + 1) / 2;
+    for (int64_t p0 = 0; p0 < P; p0 += 128) {
+        int64_t p1 = p0 + 128 < P ? p0 + 128 : P;
+        memset(part, 0, sizeof(int32_t) * (size_t)N);
+        for (int64_t p = p0; p < p1; p++) {
+            int32_t x0 = x[2 * p], x1 = 2 * p + 1 < K ? x[2 * p + 1] : 0;
+            if (!x0 && !x1) continue;
+            const __m256i xv = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16)));
+            const int16_t *wr = wp + 2 * p * N;
+            int64_t n = 0;
+            for (; n + 8 <= N; n += 8) {
+                __m256i sum = _mm256_loadu_si256((const __m256i *)(part + n));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(xv, _mm256_loadu_si256((const __m256i *)(wr + 2 * n))));
+                _mm256_storeu_si256((__m256i *)(part + n), sum);
+            }
+            for (; n < N; n++) part[n] += x0 * wr[2 * n] + x1 * wr[2 * n + 1];
+        }
+        for (int64_t n = 0; n < N; n++) acc[n] += part[n];
+    }
 }
 #else
+static void dense_row_pairs(const int32_t *x, const int16_t *wp, int64_t K, int64_t N, int64_t *acc, int32_t *part) {}
 static int64_t dot16_avx2(const int16_t *a, const int16_t *b, int64_t K) { return dot16_plain(a, b, K); }
 static int have_avx2(void) { return 0; }
 #endif
@@ -365,6 +387,8 @@ static void qdense_part(void *arg, int64_t b0, int64_t b1, int slot) {
         }
         if (d->pencil)
             pencil_rows(xr, d->w->pencil_offsets, d->w->pencil_index, d->w->pencil_words, N / 8, acc, N);
+        else if (have_avx2() && d->w->weight_pairs)
+            for (int64_t r = 0; r < R; r++) dense_row_pairs(xr + r * K, d->w->weight_pairs, K, N, acc + r * N, part);
         else
             for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w8, K, N, acc + r * N, part);
         for (int64_t r = 0; r < R; r++)
@@ -590,8 +614,16 @@ static void qsoftmax_part(void *arg, int64_t r0, int64_t r1, int slot) {
             total += e[j];
         }
         if (!w->fail[slot] && total <= 0) { w->fail[slot] = 4; w->total[slot] = total; }
-        for (int64_t j = 0; j < n && !w->fail[slot]; j++)
-            st(w->out, r * n + j, saturate((e[j] * ((int64_t)1 << (bits - 1)) + total / 2) / total, bits));
+        /* floor(num / total) by a float reciprocal, then made exact: the estimate is off by at most
+           one (num < 2**59, quotient <= 2**15), and an integer division per element is the slow part */
+        const double inv = 1.0 / (double)total;
+        const int64_t half = total / 2, scale = (int64_t)1 << (bits - 1);
+        for (int64_t j = 0; j < n && !w->fail[slot]; j++) {
+            int64_t num = e[j] * scale + half, q = (int64_t)((double)num * inv);
+            while (q > 0 && q * total > num) q--;
+            while ((q + 1) * total <= num) q++;
+            st(w->out, r * n + j, saturate(q, bits));
+        }
     }
     free(e);
 }

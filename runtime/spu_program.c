@@ -106,6 +106,7 @@ void spu_free(Program *p) {
             free(p->buffers[i].native);
             free(p->buffers[i].pencil_index);
             free(p->buffers[i].pencil_words);
+            free(p->buffers[i].weight_pairs);
         }
     }
     if (p->strings) {
@@ -139,6 +140,13 @@ static int decode_constant(BufferDesc *b, uint32_t index, char *err) {
         case DT_I64: ((int64_t *)b->native)[i] = v; break;
         default: ((uint8_t *)b->native)[i] = (uint8_t)v; break;
         }
+    }
+    if (b->layout == LY_DENSE) { /* for the executor's paired multiply-add (vpmaddwd) */
+        int64_t K = b->shape[0], N = b->shape[1], P = (K + 1) / 2;
+        b->weight_pairs = calloc((size_t)(P * N * 2 + 1), sizeof(int16_t));
+        if (!b->weight_pairs) return spu_fail(err, "buffer %u (%s): out of memory", index, b->name);
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t n = 0; n < N; n++) b->weight_pairs[((k / 2) * N + n) * 2 + (k & 1)] = (int16_t)b->values[k * N + n];
     }
     return 0;
 }

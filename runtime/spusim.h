@@ -45,6 +45,7 @@ typedef struct {
     const uint32_t *pencil_offsets; /* pencil8: [groups + 1] */
     uint16_t *pencil_index;         /* pencil8: input index per pencil */
     int8_t *pencil_words;           /* pencil8: 8 weights per pencil (int4 unpacked) */
+    int16_t *weight_pairs;          /* dense weights [K][N]: [ceil(K/2)][N][2], rows 2p and 2p+1 side by side */
     int64_t pencils;
 } BufferDesc;
 
