@@ -85,8 +85,13 @@ def _inverse_cholesky(h, damping):
 def obs_prune(
     weight: np.ndarray, hessian: np.ndarray, sparsity: float, pattern: Pattern,
     damping: float | None = None, block: int = 128, refit_iterations: int = REFIT_ITERATIONS,
-    admm_iterations: int = 0,
+    admm_iterations: int = 0, keep_pruned: np.ndarray | None = None,
 ) -> LayerResult:
+    """Prune one layer to ``sparsity`` in ``pattern`` by OBS (SparseGPT's column order and weight
+    updates), then refit the kept weights. ``keep_pruned`` (bool, the weight's shape): entries that
+    must stay pruned (gradual pruning's earlier masks; whole units of the pattern). They are chosen first in every block:
+    each block prunes ``round(sparsity * size)`` units, never fewer than an earlier, lower
+    sparsity pruned there, so the mask only grows."""
     import torch
 
     W = torch.from_numpy(np.array(weight, dtype=np.float64))
@@ -112,6 +117,7 @@ def obs_prune(
     if pattern.kind == "nm":
         block = max(pattern.m, block - block % pattern.m)
     mask = torch.zeros_like(W, dtype=torch.bool)
+    forced = torch.from_numpy(np.asarray(keep_pruned, bool)) if keep_pruned is not None else torch.zeros_like(mask)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         count = i2 - i1
@@ -121,6 +127,8 @@ def obs_prune(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         saliency = W1**2 / d.unsqueeze(0) ** 2
+        forced1 = forced[:, i1:i2]
+        saliency[forced1] = -1.0  # below any real saliency: chosen first
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if pattern.kind == "unstructured":
             k = int(round(sparsity * saliency.numel()))
@@ -139,6 +147,7 @@ def obs_prune(
                 group = W1[:, i : i + pattern.m] ** 2 / d[i : i + pattern.m].unsqueeze(0) ** 2
                 idx = torch.topk(group, pattern.m - pattern.n, dim=1, largest=False).indices
                 mask1.scatter_(1, i + idx, True)
+            mask1[:, i] |= forced1[:, i]
             q = w.clone()
             q[mask1[:, i]] = 0.0
             Q1[:, i] = q
@@ -162,7 +171,7 @@ def obs_prune(
         keep = _admm_keep(W0 * ~dead.unsqueeze(0), H, ~mask, pattern, lam, admm_iterations)
         searched = _refit(W0, W0 * keep, keep, H.to(torch.float32), lam, refit_iterations)
         searched_error = relative_error(weight, searched.numpy(), hessian)
-        if searched_error < error:
+        if searched_error < error and not bool((keep & forced).any()):
             out, mask, error = searched.numpy(), ~keep, searched_error
     return LayerResult(out, mask.numpy(), float(lam), error, unrefit, int(dead.sum()))
 

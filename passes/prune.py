@@ -62,6 +62,7 @@ class PruneConfig:
     block: int = 128
     refit_iterations: int = REFIT_ITERATIONS  # OBS: conjugate-gradient refit of the kept weights (0: off)
     steps: int = 1  # gradual pruning: sparsity * i / steps for i = 1..steps, each followed by fine-tuning
+    keep_zeros: bool = False  # OBS keeps every weight that is already zero pruned (masks only grow)
     finetune_epochs: int = 0  # distillation epochs after each step (see femtocc.passes.finetune)
     finetune_lr: float = 5e-5
     heldout: bool = False  # also measure each layer's error on held-out calibration speakers (see calibrate)
@@ -236,7 +237,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
             if cfg.method == "obs":
                 search = cfg.admm_iterations if well_calibrated(hessians.rows[name], w.shape[1]) else 0
                 r = obs_prune(w, hessians.matrices[name], targets[name], pattern, cfg.damping, cfg.block,
-                              cfg.refit_iterations, search)
+                              cfg.refit_iterations, search, keep_pruned=(w == 0) if cfg.keep_zeros else None)
                 new, damping, error, unrefit = r.weight, r.damping, r.error, r.unrefit_error
             else:
                 search = 0
@@ -287,7 +288,7 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
 
 def prune_and_finetune(bundle, cfg: PruneConfig, calib, progress: bool = False):
     """Gradual OBS pruning with distillation: for each step, recalibrate on the current model, prune
-    to ``sparsity * i / steps`` (zeros already made stay zero: they have zero saliency), then
+    to ``sparsity * i / steps`` (zeros already made stay zero: ``keep_zeros``), then
     fine-tune ``finetune_epochs`` on the calibration utterances with the dense model as teacher.
     With one step and no fine-tuning this is :func:`prune_model`."""
     from dataclasses import replace
@@ -300,7 +301,7 @@ def prune_and_finetune(bundle, cfg: PruneConfig, calib, progress: bool = False):
     tokens = dense_transcripts(bundle, calib)
     model, report, rounds = bundle, None, []
     for i in range(1, cfg.steps + 1):
-        step = replace(cfg, sparsity=cfg.sparsity * i / cfg.steps, steps=1, finetune_epochs=0)
+        step = replace(cfg, sparsity=cfg.sparsity * i / cfg.steps, steps=1, finetune_epochs=0, keep_zeros=True)
         hessians = collect_hessians(model, calib, dense_tokens=tokens, progress=progress, heldout=cfg.heldout) \
             if model is not bundle else None
         model, report = prune_model(model, step, calib, progress, hessians=hessians)
