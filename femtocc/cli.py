@@ -237,6 +237,8 @@ def cmd_prune(args) -> int:
 
     from femtocc.cache import check_output_dir
 
+    if args.schedule or args.train:
+        return _cmd_recover(args)
     cfg = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
         damping=args.damping, refit_iterations=args.refit_iterations, admm_iterations=args.admm_iterations,
@@ -272,6 +274,57 @@ def cmd_prune(args) -> int:
         print(f"mean relative layer error {report['mean_relative_error']:.4f} on the calibration speech, "
               f"{report['mean_heldout_error']:.4f} on held-out speakers")
     print(f"wrote {out} and {out / 'prune-report.json'}")
+    return 0
+
+
+def _cmd_recover(args) -> int:
+    """``prune --schedule ... --train DIR``: gradual OBS with distillation (passes/recover.py)."""
+    import time
+
+    from femtocc.cache import atomic_write, check_output_dir
+    from femtocc.data import load_dataset, split_by_speaker
+    from femtocc.frontend.whisper import load_whisper, save_bundle
+    from femtocc.passes.recover import RecoverConfig, recover
+    from femtocc.passes.schedule import parse_schedule
+    from femtocc.passes.sparsity import parse_pattern
+    from femtocc.train_data import pack, packing_stats, teacher_targets
+
+    if not (args.schedule and args.train):
+        raise FemtoccError("recovery training needs both --schedule and --train")
+    if args.method != "obs":
+        raise FemtoccError(f"--schedule prunes with OBS; --method {args.method} cannot be scheduled")
+    if args.steps is not None or args.finetune_epochs is not None:
+        raise FemtoccError("--schedule replaces --steps and --finetune-epochs; give --steps-per-stage instead")
+    if parse_pattern(args.pattern).kind == "nm":
+        raise FemtoccError(f"--pattern {args.pattern}: N:M fixes the sparsity, it cannot follow a schedule")
+    sparsities = parse_schedule(args.schedule)
+    if args.final_steps < 0 or args.warmup < 0 or args.lr <= 0:
+        raise FemtoccError("--final-steps and --warmup must be >= 0 and --lr > 0")
+    out = check_output_dir(args.output, "model", args.force)
+    start = time.perf_counter()
+    train = load_dataset(args.train)[: args.train_limit]
+    calib = load_dataset(args.calib)
+    calib = split_by_speaker(calib)[0] if args.calib_split == "calib" else calib
+    calib = calib[: args.calib_limit] if args.calib_limit else calib
+    bundle = load_whisper(args.model)
+    windows = pack(train, seed=args.seed)
+    targets = teacher_targets(bundle, windows, k=args.top_k, hidden=args.hidden_weight > 0, progress=not args.quiet)
+    cfg = RecoverConfig(sparsities, args.pattern, args.steps_per_stage, args.final_steps, args.lr, args.warmup,
+                        kl_weight=args.kl_weight, hidden_weight=args.hidden_weight, seed=args.seed, layers=args.layers)
+    work = out.with_name(out.name + ".recovery")
+    student, report = recover(bundle, cfg, windows, targets, calib, work, resume=args.resume, progress=not args.quiet)
+    student.metadata["dense_source"] = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    save_bundle(student, out)
+    report.update({"command": "femtocc " + " ".join(sys.argv[1:]), "schedule": args.schedule,
+                   "data": {"train": str(args.train), **packing_stats(windows), "calibration": str(args.calib),
+                            "calibration_utterances": len(calib)},
+                   "seconds": round(time.perf_counter() - start, 1), "device": "cpu", "processes": 1})
+    with atomic_write(out / "train-report.json", "w") as f:
+        json.dump(report, f, indent=1)
+    last = report["stages"][-1]
+    print(f"recovered {args.model} over {len(report['stages'])} stages to sparsity {last['target_sparsity']} "
+          f"({report['data']['speech_s']:.0f} s of training speech in {len(windows)} windows); "
+          f"wrote {out} (train-report.json) and the stages in {work}")
     return 0
 
 
@@ -416,6 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
     p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
     _gradual_args(p)
+    r = p.add_argument_group("recovery training (gradual OBS with distillation on training speech)")
+    r.add_argument("--schedule", default=None, metavar="KIND:START:FINAL:STAGES",
+                   help="stage sparsities: cubic, linear or oneshot, e.g. cubic:0:0.6:4 (replaces --sparsity)")
+    r.add_argument("--train", default=None, metavar="DIR", help="training speech folder (the dense model's outputs are the targets)")
+    r.add_argument("--train-limit", type=positive_int, default=None, help="use only N training utterances")
+    r.add_argument("--steps-per-stage", type=positive_int, default=100, help="distillation steps per stage (default 100)")
+    r.add_argument("--final-steps", type=int, default=0, help="steps of a last stage at the final sparsity (default 0)")
+    r.add_argument("--lr", type=float, default=1e-5, help="AdamW peak learning rate (default 1e-5)")
+    r.add_argument("--warmup", type=int, default=10, help="linear warm-up steps per stage (default 10)")
+    r.add_argument("--kl-weight", type=float, default=1.0)
+    r.add_argument("--hidden-weight", type=float, default=1.0, help="weight of encoder-output matching (0: off)")
+    r.add_argument("--top-k", type=positive_int, default=16, help="teacher log-probs kept per position (default 16)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resume", action="store_true", help="continue from the last stage saved in OUT.recovery/")
     p.add_argument("--calib", default=DEFAULT_DATA, help=f"calibration speech folder (default {DEFAULT_DATA})")
     p.add_argument("--calib-split", choices=("calib", "all"), default="calib",
                    help="use the speaker-disjoint calibration part of --calib (default), or all of it")

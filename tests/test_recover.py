@@ -8,6 +8,7 @@ import pytest
 from femtocc.errors import FemtoccError
 from femtocc.passes.recover import RecoverConfig, recover
 from femtocc.train_data import pack, teacher_targets
+from test_train_data import TRAIN as TRAIN_DIR
 from test_train_data import train_utts  # noqa: F401  (fixture)
 
 LAYERS = r"^(encoder\.layers\.0\.fc1|decoder\.layers\.0\.fc1)$"
@@ -93,3 +94,39 @@ def test_resume_from_another_models_checkpoint_is_refused(run, tiny):
     (other / "stage-02" / "femtocc.json").write_text(json.dumps(manifest))
     with pytest.raises(FemtoccError, match="checkpoint of another model"):
         recover(tiny, cfg, windows, targets, calib, other, resume=True)
+
+
+def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
+    from femtocc.cli import main
+    from femtocc.frontend.whisper import load_whisper
+
+    out = tmp_path / "rec"
+    assert main(["prune", "whisper-tiny.en", "--schedule", "linear:0.4:0.7:2", "--train", str(TRAIN_DIR),
+                 "--train-limit", "4", "--steps-per-stage", "2", "--warmup", "1", "--layers", LAYERS, "--top-k", "8",
+                 "--calib", str(dev_data), "--calib-limit", "2", "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "train-report.json").read_text())
+    assert [s["target_sparsity"] for s in report["stages"]] == [0.55, 0.7]
+    assert report["data"]["utterances"] == 4 and report["data"]["speech_s"] > 0 and report["schedule"] == "linear:0.4:0.7:2"
+    w = weights(load_whisper(str(out)))
+    assert (w["encoder.layers.0.fc1"] == 0).mean() == pytest.approx(0.7, abs=0.01)
+    assert (tmp_path / "rec.recovery" / "stage-01").is_dir() and "recovered whisper-tiny.en" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schedule", "cubic:0.6:0.3:3"], "below the start"),
+    (["--schedule", "cubic:0:0.5:3", "--method", "mp-local"], "cannot be scheduled"),
+    (["--schedule", "cubic:0:0.5:3", "--pattern", "2:4"], "N:M fixes the sparsity"),
+    (["--schedule", "cubic:0:0.5:3", "--steps", "2"], "--schedule replaces --steps"),
+    (["--schedule", "cubic:0:0.5:3", "--train", "EMPTY"], "has no utterances"),
+    (["--train", "EMPTY"], "needs both --schedule and --train"),
+])
+def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_data):
+    from femtocc.cli import main
+
+    (tmp_path / "empty").mkdir()
+    argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    if "--train" not in argv:
+        argv += ["--train", str(TRAIN_DIR)]
+    assert main(["prune", "whisper-tiny.en", *argv, "--calib", str(dev_data), "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
