@@ -84,6 +84,14 @@ def _never_replaced(resolved: Path) -> str | None:
     return None
 
 
+def existing_parent(path: Path) -> Path:
+    """The nearest parent of ``path`` that exists (where creating ``path`` would start)."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
+
+
 def check_output_dir(path: str | os.PathLike, kind: str, force: bool = False, option: str = "-o") -> Path:
     """Check, before any work, that ``path`` may become a femtocc output folder of ``kind``.
 
@@ -108,9 +116,7 @@ def check_output_dir(path: str | os.PathLike, kind: str, force: bool = False, op
             was = f"a femtocc {found} folder" if found else f"not a femtocc {kind} folder (no {manifest})"
             raise FemtoccError(f"{option} {path}: exists and is {was}; it would be replaced: choose another "
                                "folder, or pass --force to replace it")
-    parent = resolved.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = existing_parent(resolved)
     if not parent.is_dir():
         raise FemtoccError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -105,9 +105,9 @@ def _check_json(option: str | None) -> Path | None:
     path = Path(option).expanduser()
     if path.is_dir():
         raise FemtoccError(f"--json {option}: is a folder; give a file name")
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+    from femtocc.cache import existing_parent
+
+    parent = existing_parent(path.resolve())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise FemtoccError(f"--json {option}: cannot write into {parent}")
     return path
@@ -363,7 +363,7 @@ def cmd_run(args) -> int:
     manifest, _ = read_build(args.build)
     utts = _utterances(args)
     bundle = load_whisper(manifest["model"])
-    transcripts, runs = run_build(args.build, args.runtime, utts, args.workers, progress=not args.quiet)
+    transcripts, runs = run_build(args.build, args.runtime, utts, args.workers, progress=not args.quiet, bundle=bundle)
     per_utt, sink = [], [r for rs in runs for r in rs]
     if args.runtime == "sim":
         from femtocc.runtime.report import utterance_stats

@@ -52,11 +52,16 @@ class TorchBackend:
 
     def start(self, features):
         import torch
-        from transformers.modeling_outputs import BaseModelOutput
 
         with torch.no_grad():
             enc = self.model.model.encoder(torch.from_numpy(features)).last_hidden_state
-        return _TorchSession(self.model, BaseModelOutput(last_hidden_state=enc))
+        return self.session(enc)
+
+    def session(self, encoder_output):
+        """A decoding session on an encoder output already computed."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return _TorchSession(self.model, BaseModelOutput(last_hidden_state=encoder_output))
 
 
 class _TorchSession:
@@ -229,12 +234,13 @@ def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
             raise FemtoccError(f"{file}: cannot read ({e.strerror})") from None
         head = Program.from_bytes(data[w], str(file), validate=False)
         bits = {b.bits for b in head.buffers if b.layout in ("dense", "pencil8")}
-        for what, found, want in (("target", head.target, manifest["target"][:16]), ("graph", head.graph, w[:16]),
-                                  ("weight bits", bits, {QUANT[manifest["quant"]][0]} if bits else set())):
+        for what, found, want in (("target", head.target, manifest["target"][:16]), ("graph", head.graph, w[:16])):
             if found != want:
-                raise FemtoccError(f"{file}: {what} {found} in the program, {want} in {path.name} "
-                                   f"(quant {manifest['quant']})" if what == "weight bits" else
-                                   f"{file}: {what} {found!r} in the program, {want!r} in {path.name}")
+                raise FemtoccError(f"{file}: {what} {found!r} in the program, {want!r} in {path.name}")
+        want_bits = {QUANT[manifest["quant"]][0]}
+        if bits and bits != want_bits:
+            raise FemtoccError(f"{file}: weight bits {bits} in the program, {want_bits} in {path.name} "
+                               f"(quant {manifest['quant']})")
     return manifest, data
 
 
@@ -263,12 +269,12 @@ _WORKER: dict = {}
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FEMTOCC_SIM_THREADS": "1"}
 
 
-def _worker_start(build_dir, runtime: str) -> None:
+def _worker_start(build_dir, runtime: str, bundle=None) -> None:
     from femtocc.frontend.whisper import load_whisper
 
     sink: list = []
     runners, manifest = build_runners(build_dir, runtime, sink)
-    bundle = load_whisper(manifest["model"])
+    bundle = bundle or load_whisper(manifest["model"])
     _WORKER.update(bundle=bundle, backend=GraphBackend(f"spu001-{runtime}", runners, bundle.config), sink=sink)
 
 
@@ -280,19 +286,20 @@ def _worker_transcribe(u: Utterance):
     return t, runs
 
 
-def run_build(build_dir, runtime: str, utts: list[Utterance], workers: int = 1,
-              progress: bool = False) -> tuple[list[Transcript], list[list]]:
+def run_build(build_dir, runtime: str, utts: list[Utterance], workers: int = 1, progress: bool = False,
+              bundle=None) -> tuple[list[Transcript], list[list]]:
     """Transcripts of ``utts`` on a build's programs, and each utterance's simulator runs (empty
     lists on the reference runtime). ``workers`` > 1 spreads the utterances over that many spawned
     processes, each single-threaded: the arithmetic is exact integer arithmetic, so the results
-    are the same, in the same order, as one worker's."""
+    are the same, in the same order, as one worker's. One worker uses ``bundle`` (the build's model)
+    when given instead of loading it again."""
     import os
 
     from femtocc.progress import progress as steps
 
     desc = f"transcribe [spu001-{runtime}]"
     if workers <= 1:
-        _worker_start(build_dir, runtime)
+        _worker_start(build_dir, runtime, bundle)
         results = [_worker_transcribe(u) for u in steps(utts, desc, "utt", enabled=progress)]
     else:
         import multiprocessing

@@ -181,10 +181,11 @@ def teacher_targets(teacher, windows: list[Window], k: int = 16, hidden: bool = 
             continue
         audio = w.audio()
         feats = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
-        tokens, _ = greedy_decode(backend.start(feats), settings, token_limit(len(audio) / SAMPLE_RATE, settings))
-        seq = list(settings.prompt) + tokens + [settings.eot]
         with torch.no_grad():
             enc = model.model.encoder(torch.from_numpy(feats)).last_hidden_state
+        tokens, _ = greedy_decode(backend.session(enc), settings, token_limit(len(audio) / SAMPLE_RATE, settings))
+        seq = list(settings.prompt) + tokens + [settings.eot]
+        with torch.no_grad():
             logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc),
                            decoder_input_ids=torch.tensor([seq[:-1]])).logits[0].float()
             top = torch.topk(F.log_softmax(logits, -1), k, dim=-1)
