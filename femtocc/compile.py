@@ -42,8 +42,6 @@ class CompileOptions:
     method: str | None = None  # obs, mp-local, mp-global or None (no pruning)
     sparsity: float = 0.5
     pattern: str = "pencil8"
-    steps: int = 1  # gradual pruning steps, each followed by fine-tuning
-    finetune_epochs: int = 0  # distillation epochs per step (passes/finetune.py)
     quant: str = "w8a16"
     weight_quant: str = "round"  # or "gptq": second-order rounding with error compensation
     calib: str = "../shared/data/speech/dev"
@@ -126,10 +124,9 @@ def compile_model(opts: CompileOptions) -> dict:
     target = load(opts.target or DEFAULT)
     wbits, abits = QUANT[opts.quant]
     if opts.method:
-        from femtocc.passes.prune import PruneConfig, prune_and_finetune
+        from femtocc.passes.prune import PruneConfig, prune_model
 
-        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=opts.pattern, steps=opts.steps,
-                          finetune_epochs=opts.finetune_epochs)
+        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=opts.pattern)
         cfg.check()
     t0 = t = time.perf_counter()
     bundle = load_whisper(opts.model)
@@ -139,7 +136,7 @@ def compile_model(opts: CompileOptions) -> dict:
     prune_report = None
     model = bundle
     if opts.method:
-        model, prune_report = prune_and_finetune(bundle, cfg, calib, progress=opts.progress)
+        model, prune_report = prune_model(bundle, cfg, calib, progress=opts.progress)
         t = _stage(opts, "prune", t, f"{opts.method} {opts.pattern} {prune_report['sparsity']:.3f}")
 
     tokens = dense_transcripts(bundle, calib)

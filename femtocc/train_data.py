@@ -16,7 +16,8 @@ text; the teacher's own output is the target).
 teacher-forced on prompt + transcript + end of text, the top-``k`` log-probabilities of each
 position (float16, with their token ids) and optionally its encoder output (float16). They are
 cached under ``cache_root()/teacher/KEY/`` (one ``.npz`` per window, written atomically, so an
-interrupted run resumes where it stopped), keyed by the teacher's weights digest, the windows'
+interrupted run resumes where it stopped; under torchrun each process computes its shard of
+the windows, the same shard it trains on), keyed by the teacher's weights digest, the windows'
 utterances (ids, sizes), the packing and augmentation, and ``k``. The teacher never changes
 during a run: a different teacher is a different key.
 """
@@ -166,16 +167,19 @@ def teacher_targets(teacher, windows: list[Window], k: int = 16, hidden: bool = 
     from femtocc.decode import TorchBackend, greedy_decode, token_limit
     from femtocc.progress import progress as steps
 
+    from femtocc import distributed
+
     folder = Path(folder) if folder else cache_root() / "teacher" / targets_key(teacher, windows, k, hidden)
     done = folder / "targets.json"
     if done.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed.rank_world()
     extractor = teacher.feature_extractor()
     backend = TorchBackend(teacher)
     settings = teacher.decode
     model = teacher.model
-    for w in steps(windows, "teacher targets", "window", enabled=progress):
+    for w in steps(windows[rank::world], "teacher targets", "window", enabled=progress):
         path = folder / f"window-{w.index:05d}.npz"
         if path.is_file():
             continue
@@ -195,9 +199,11 @@ def teacher_targets(teacher, windows: list[Window], k: int = 16, hidden: bool = 
             arrays["encoder"] = enc[0].numpy().astype(np.float16)
         with atomic_write(path) as f:
             np.savez(f, **arrays)
-    with atomic_write(done, "w") as f:
-        json.dump({"version": TARGETS_VERSION, "teacher": teacher.source_digest, "k": k, "hidden": hidden,
-                   "windows": len(windows), **packing_stats(windows)}, f, indent=1)
+    distributed.barrier()
+    if rank == 0:
+        with atomic_write(done, "w") as f:
+            json.dump({"version": TARGETS_VERSION, "teacher": teacher.source_digest, "k": k, "hidden": hidden,
+                       "windows": len(windows), **packing_stats(windows)}, f, indent=1)
     return folder
 
 

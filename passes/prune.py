@@ -61,10 +61,7 @@ class PruneConfig:
     include_embeddings: bool = False
     block: int = 128
     refit_iterations: int = REFIT_ITERATIONS  # OBS: conjugate-gradient refit of the kept weights (0: off)
-    steps: int = 1  # gradual pruning: sparsity * i / steps for i = 1..steps, each followed by fine-tuning
     keep_zeros: bool = False  # OBS keeps every weight that is already zero pruned (masks only grow)
-    finetune_epochs: int = 0  # distillation epochs after each step (see femtocc.passes.finetune)
-    finetune_lr: float = 5e-5
     heldout: bool = False  # also measure each layer's error on held-out calibration speakers (see calibrate)
     admm_iterations: int = 0  # OBS: ADMM mask search on well-calibrated layers (see obs; 0: off)
 
@@ -86,10 +83,6 @@ class PruneConfig:
             raise FemtoccError(f"ADMM iterations must be >= 0, got {self.admm_iterations}")
         if self.admm_iterations and (self.method != "obs" or pattern.kind == "nm" or not self.refit_iterations):
             raise FemtoccError("the ADMM mask search is for OBS with the refit on, unstructured or pencil patterns")
-        if self.steps < 1 or self.finetune_epochs < 0:
-            raise FemtoccError(f"steps must be >= 1 and finetune epochs >= 0, got {self.steps}, {self.finetune_epochs}")
-        if self.steps > 1 and (pattern.kind == "nm" or self.method != "obs"):
-            raise FemtoccError("gradual pruning (steps > 1) is for OBS with unstructured or pencil patterns")
         return pattern
 
 
@@ -285,37 +278,3 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
     pruned.name = f"{bundle.name}-{cfg.method}-{pattern.name.replace(':', 'of')}-{cfg.sparsity:.2f}"
     return pruned, report
 
-
-def prune_and_finetune(bundle, cfg: PruneConfig, calib, progress: bool = False):
-    """Gradual OBS pruning with distillation: for each step, recalibrate on the current model, prune
-    to ``sparsity * i / steps`` (zeros already made stay zero: ``keep_zeros``), then
-    fine-tune ``finetune_epochs`` on the calibration utterances with the dense model as teacher.
-    With one step and no fine-tuning this is :func:`prune_model`."""
-    from dataclasses import replace
-
-    from femtocc.passes.finetune import finetune
-
-    if cfg.steps == 1 and cfg.finetune_epochs == 0:
-        return prune_model(bundle, cfg, calib, progress)
-    start = time.perf_counter()
-    tokens = dense_transcripts(bundle, calib)
-    model, report, rounds = bundle, None, []
-    for i in range(1, cfg.steps + 1):
-        step = replace(cfg, sparsity=cfg.sparsity * i / cfg.steps, steps=1, finetune_epochs=0, keep_zeros=True)
-        hessians = collect_hessians(model, calib, dense_tokens=tokens, progress=progress, heldout=cfg.heldout) \
-            if model is not bundle else None
-        model, report = prune_model(model, step, calib, progress, hessians=hessians)
-        tuned = finetune(model, bundle, calib, tokens, cfg.finetune_epochs, cfg.finetune_lr, progress=progress) \
-            if cfg.finetune_epochs else None
-        rounds.append({"sparsity": step.sparsity, "pruning_s": report["seconds"], "finetune": tuned})
-    for name, layer in prunable_layers(model.model, cfg.include_embeddings).items():
-        if name in report["layers"]:
-            w = weight_matrix(layer)
-            report["layers"][name]["nnz"] = int(np.count_nonzero(w))
-    report["config"] = {**asdict(cfg), "pattern": cfg.check().name}
-    report["rounds"] = rounds
-    report["seconds"] = time.perf_counter() - start
-    model.source_digest = weights_digest(model.model)
-    model.metadata = {"pruning": {k: v for k, v in report.items() if k != "layers"}, "dense_source": bundle.name}
-    model.name = f"{bundle.name}-{cfg.method}-{cfg.check().name.replace(':', 'of')}-{cfg.sparsity:.2f}-ft{cfg.finetune_epochs}x{cfg.steps}"
-    return model, report

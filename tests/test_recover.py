@@ -1,6 +1,7 @@
 """Issue 16: the first cut of the recovery trainer (gradual OBS + distillation on packed windows)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +48,10 @@ def test_stages_hit_their_sparsity_and_masks_only_grow(run):
             assert all(not np.any(zeros[n] & ~now[n]) for n in now)
         zeros = now
     log = [json.loads(x) for x in (tmp / "out" / "log.jsonl").read_text().splitlines()]
-    assert log == report["stages"] and all(np.isfinite(e["loss_last"]) for e in log)
+    assert [e for e in log if e["event"] == "stage"] == report["stages"]
+    assert all(np.isfinite(e["loss_last"]) for e in report["stages"])
+    steps = [(e["stage"], e["step"]) for e in log if e["event"] == "step"]
+    assert steps == [(0, 4), (1, 4), (2, 2)]  # every LOG_EVERY steps and each stage's last
 
 
 def test_distillation_lowers_the_loss_within_a_stage(run):
@@ -102,23 +106,35 @@ def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
 
     out = tmp_path / "rec"
     assert main(["prune", "whisper-tiny.en", "--schedule", "linear:0.4:0.7:2", "--train", str(TRAIN_DIR),
-                 "--train-limit", "4", "--steps-per-stage", "2", "--warmup", "1", "--layers", LAYERS, "--top-k", "8",
+                 "--train-limit", "4", "--steps-per-stage", "2", "--warmup", "1", "--layers", LAYERS, "--top-k", "8", "--val-limit", "3",
                  "--calib", str(dev_data), "--calib-limit", "2", "-o", str(out), "--quiet"]) == 0
     report = json.loads((out / "train-report.json").read_text())
     assert [s["target_sparsity"] for s in report["stages"]] == [0.55, 0.7]
+    assert all(s["val"]["utterances"] == 3 and s["val"]["wer"] >= 0 for s in report["stages"])
     assert report["data"]["utterances"] == 4 and report["data"]["speech_s"] > 0 and report["schedule"] == "linear:0.4:0.7:2"
     w = weights(load_whisper(str(out)))
     assert (w["encoder.layers.0.fc1"] == 0).mean() == pytest.approx(0.7, abs=0.01)
     assert (tmp_path / "rec.recovery" / "stage-01").is_dir() and "recovered whisper-tiny.en" in capsys.readouterr().out
+    # a recovered model continues from its zeros, distilled from the dense model it came from
+    more = tmp_path / "rec80"
+    assert main(["prune", str(out), "--schedule", "linear:0.7:0.8:1", "--train", str(TRAIN_DIR), "--train-limit", "4",
+                 "--steps-per-stage", "1", "--warmup", "1", "--layers", LAYERS, "--top-k", "8", "--val-limit", "0",
+                 "--calib", str(dev_data), "--calib-limit", "2", "-o", str(more), "--quiet"]) == 0
+    report = json.loads((more / "train-report.json").read_text())
+    assert report["teacher"] == "whisper-tiny.en" and report["start"] == str(out)
+    w80 = weights(load_whisper(str(more)))
+    assert (w80["encoder.layers.0.fc1"] == 0).mean() == pytest.approx(0.8, abs=0.01)
+    assert not np.any((w["encoder.layers.0.fc1"] == 0) & (w80["encoder.layers.0.fc1"] != 0))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--schedule", "cubic:0.6:0.3:3"], "below the start"),
     (["--schedule", "cubic:0:0.5:3", "--method", "mp-local"], "cannot be scheduled"),
     (["--schedule", "cubic:0:0.5:3", "--pattern", "2:4"], "N:M fixes the sparsity"),
-    (["--schedule", "cubic:0:0.5:3", "--steps", "2"], "--schedule replaces --steps"),
     (["--schedule", "cubic:0:0.5:3", "--train", "EMPTY"], "has no utterances"),
     (["--train", "EMPTY"], "needs both --schedule and --train"),
+    (["--schedule", "cubic:0:0.5:3", "--schedule", "cubic:0:0.2:3"], "exactly one --schedule without @REGEX"),
+    (["--schedule", "cubic:0:0.5:3", "--schedule", "cubic:0:0.9:2@^encoder"], "same number of stages"),
 ])
 def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_data):
     from femtocc.cli import main
@@ -130,3 +146,74 @@ def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_dat
     assert main(["prune", "whisper-tiny.en", *argv, "--calib", str(dev_data), "-o", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_two_gloo_processes_end_with_identical_weights_and_masks(tmp_path, dev_data):
+    """torchrun, two CPU processes, the real CLI: each trains on its shard inside DDP, rank 0 prunes
+    and every rank takes its weights; the trainer gathers every rank's weights digest per stage."""
+    import os
+    import subprocess
+    import sys
+
+    from femtocc.frontend.whisper import load_whisper
+
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "-m", "femtocc", "prune", "whisper-tiny.en",
+           "--schedule", "linear:0.4:0.7:2", "--train", str(TRAIN_DIR), "--train-limit", "14", "--steps-per-stage", "2",
+           "--warmup", "1", "--layers", LAYERS, "--top-k", "8", "--calib", str(dev_data), "--calib-limit", "2",
+           "--val-limit", "2", "-o", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "train-report.json").read_text())
+    assert report["processes"] == 2 and report["data"]["windows"] >= 2
+    for stage in report["stages"]:
+        assert len(stage["rank_digests"]) == 2 and len(set(stage["rank_digests"])) == 1
+        assert stage["windows_per_step"] == 2 and stage["val"]["utterances"] == 2
+    w = weights(load_whisper(str(out)))
+    assert (w["encoder.layers.0.fc1"] == 0).mean() == pytest.approx(0.7, abs=0.01)
+    from femtocc.passes.prune import weights_digest
+
+    assert weights_digest(load_whisper(str(out)).model) == report["stages"][-1]["rank_digests"][0]
+
+
+def test_a_padded_batch_aligns_every_windows_targets(run, tiny, train_utts):  # noqa: F811
+    """The teacher as its own student: over a batch of two windows whose transcripts differ in
+    length (right-padded), KL and every hidden-state error are ~0 at every valid position; any
+    misalignment of targets, padding or positions would show."""
+    import torch
+
+    from femtocc.passes.recover import batch_loss, make_batch
+
+    tmp = run[0]
+    windows = pack(train_utts[10:30], seed=0)[:2]
+    targets = teacher_targets(tiny, windows, k=8, hidden=True, folder=tmp / "batch-targets")
+    batch = make_batch(windows, targets, tiny.feature_extractor(), tiny.decode)
+    lengths = batch["valid"].sum(1).tolist()
+    assert batch["ids"].shape[0] == 2 and lengths[0] != lengths[1] and max(lengths) == batch["ids"].shape[1]
+    short = int(np.argmin(lengths))
+    assert (batch["ids"][short, int(lengths[short]):] == tiny.decode.eot).all()
+    with torch.no_grad():
+        for weights_ in ({"kl_weight": 1.0, "hidden_weight": 0.0}, {"kl_weight": 0.0, "hidden_weight": 1.0},
+                         {"kl_weight": 0.0, "hidden_weight": 0.0, "block_weight": 1.0}):
+            cfg = RecoverConfig([0.5], **weights_)
+            assert float(batch_loss(tiny.model, tiny.model, batch, cfg)) < 2e-3, weights_
+        shifted = {**batch, "topk_ids": torch.roll(batch["topk_ids"], 1, dims=1)}
+        assert float(batch_loss(tiny.model, None, shifted, RecoverConfig([0.5], hidden_weight=0.0))) > 1.0
+
+
+def test_layer_groups_follow_their_own_schedule(tiny):
+    from femtocc.passes.calibrate import prunable_layers
+    from femtocc.passes.recover import stage_targets
+
+    cfg = RecoverConfig([0.2, 0.5], groups=[(r"^encoder\.layers\.\d\.fc", [0.6, 0.9])], layers=r"^decoder")
+    names = list(prunable_layers(tiny.model))
+    for stage, (main, group) in enumerate([(0.2, 0.6), (0.5, 0.9)]):
+        targets = stage_targets(tiny.model, cfg, stage)
+        assert sorted(targets[group]) == sorted(n for n in names if n.startswith("encoder.layers.") and ".fc" in n)
+        assert sorted(targets[main]) == sorted(n for n in names if n.startswith("decoder"))
+    with pytest.raises(FemtoccError, match="matches no prunable layer"):
+        stage_targets(tiny.model, RecoverConfig([0.2], groups=[("^nothing", [0.5])]), 0)
+    with pytest.raises(FemtoccError, match="same number of stages"):
+        recover(tiny, RecoverConfig([0.2, 0.5], groups=[("^encoder", [0.9])]), [], None, [], Path("unused"))

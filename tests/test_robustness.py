@@ -141,7 +141,6 @@ def test_eval_writes_nothing_unless_asked(tmp_path, monkeypatch, dev_data, capsy
     (["compile", "whisper-tiny.en", "--method", "obs", "--pattern", "pencil5", "-o", "x"], "unknown sparsity pattern 'pencil5'"),
     (["compile", "whisper-tiny.en", "--sparsity", "0.5", "-o", "x"], "--sparsity given without --method"),
     (["compile", "whisper-tiny.en", "--pattern", "2:4", "-o", "x"], "--pattern given without --method"),
-    (["compile", "whisper-tiny.en", "--steps", "3", "-o", "x"], "--steps given without --method"),
     (["eval", "whisper-tiny.en", "--limit", "0"], "--limit: 0 must be at least 1"),
     (["run", "build", "--limit", "-2"], "--limit: -2 must be at least 1"),
     (["compile", "whisper-tiny.en", "--calib-limit", "0", "-o", "x"], "--calib-limit: 0 must be at least 1"),
