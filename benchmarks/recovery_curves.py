@@ -6,12 +6,14 @@
 ``--runs``: output folders of ``femtocc prune --schedule ... --train ...``. Every stage checkpoint
 in ``RUN.recovery/stage-NN`` is a point of that run's curve (the sparsity it was pruned to, the
 training seconds up to the end of that stage, those of the recovered model it started from
-included); of a pruning stage and the final fine-tuning stage after it, only the latter
-(``--all-stages``: both). A run's kind is its schedule: ``cubic`` and ``linear`` are "gradual",
+included); of the stages at one sparsity (a pruning stage and a final fine-tuning stage) only
+the one the run kept (``--keep best``), else the last (``--all-stages``: every one). A run's kind is its schedule: ``cubic`` and ``linear`` are "gradual",
 ``oneshot`` with more than one stage the "scheduled combination", and one ``oneshot`` stage
 "one-shot + fine-tune"; a run that started from a recovered model says so. For every pattern
 and sparsity that a run reaches, tiny.en is also pruned one shot with OBS (one calibration on
-the calibration speakers of the dev set) and scored the same way: the one-shot curve. Every model is transcribed (torch) on the evaluation
+the calibration speakers of the dev set) and scored the same way: the one-shot curve
+(``--oneshot-from SWEEP.json`` takes the points that ``sweep.py`` already measured, with
+onnxruntime, on the same evaluation speakers). Every model is transcribed (torch) on the evaluation
 speakers of the dev set; WER, agreement with dense, runaways.
 
 Writes ``OUT.json`` (points are kept between runs of the script, keyed by the model folder and
@@ -44,11 +46,20 @@ def score(bundle, dense, utts) -> dict:
     return {"wer": r["wer"], "agreement_wer": r["agreement_wer"], "hit_token_limit": r["hit_token_limit"]}
 
 
-def training_s(run: Path) -> float:
-    """Seconds of training that made ``run``, with those of the recovered model it started from."""
-    report = json.loads((run / "train-report.json").read_text())
-    start = Path(report.get("start", ""))
-    return report["seconds"] + (training_s(start) if (start / "train-report.json").is_file() else 0.0)
+def training_s(model: Path) -> float:
+    """Seconds of the training stages that made ``model`` (a recovery output, or one of its
+    ``RUN.recovery/stage-NN`` folders), with those of the recovered model it started from."""
+    if (model / "train-report.json").is_file():
+        report, last = json.loads((model / "train-report.json").read_text()), None
+    elif model.parent.name.endswith(".recovery") and model.name.startswith("stage-"):
+        run = model.parent.with_name(model.parent.name[: -len(".recovery")])
+        if not (run / "train-report.json").is_file():
+            return 0.0
+        report, last = json.loads((run / "train-report.json").read_text()), int(model.name.split("-")[1])
+    else:
+        return 0.0
+    own = sum(e["seconds"] for e in report["stages"] if last is None or e["stage"] <= last)
+    return own + training_s(Path(report.get("start", "")))
 
 
 def run_points(run: Path, all_stages: bool = False) -> list[dict]:
@@ -57,13 +68,18 @@ def run_points(run: Path, all_stages: bool = False) -> list[dict]:
     report = json.loads((run / "train-report.json").read_text())
     work = run.with_name(run.name + ".recovery")
     start = Path(report.get("start", ""))
-    before = training_s(start) if (start / "train-report.json").is_file() else 0.0
-    kind = kind_of(report["schedule"]) + (f" from {start.name}" if before else "")
+    before = training_s(start)
+    kind = kind_of(report["schedule"]) + (" (continued)" if before else "")
     points, seconds = [], before
     stages = report["stages"]
-    for n, stage in enumerate(stages):
+    same = {}  # sparsity -> the stage that stands for it: the one the run kept, else the last
+    for stage in stages:
+        sparsity = stage["target_sparsity"]
+        if sparsity not in same or same[sparsity] != report.get("kept_stage"):
+            same[sparsity] = stage["stage"]
+    for stage in stages:
         seconds += stage["seconds"]
-        if not all_stages and n + 1 < len(stages) and stages[n + 1]["target_sparsity"] == stage["target_sparsity"]:
+        if not all_stages and same[stage["target_sparsity"]] != stage["stage"]:
             continue
         folder = work / f"stage-{stage['stage']:02d}"
         points.append({"kind": kind, "run": str(run), "model": str(folder),
@@ -90,7 +106,7 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(result["dense"]["wer"], color="k", lw=0.8, label="dense")
         ax.axhline(result["dense"]["wer"] + 1.0, color="k", lw=0.8, ls="--", label="dense + 1.0")
         ax.set(title=f"{result['model']}, {pattern}", xlabel="sparsity of the pruned layers",
-               ylabel="WER % (dev evaluation speakers)", ylim=(0, max(60, result["dense"]["wer"] * 2)))
+               ylabel="WER % (dev evaluation speakers)", ylim=(0, min(150, max([60] + [p["wer"] * 1.05 for p in result["points"]]))))
         ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -102,6 +118,7 @@ def main() -> int:
     from femtocc.data import load_dataset, split_by_speaker
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.calibrate import collect_hessians, dense_transcripts
+    from femtocc.passes.obs import REFIT_ITERATIONS
     from femtocc.passes.prune import PruneConfig, prune_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,6 +126,8 @@ def main() -> int:
     ap.add_argument("--model", default="whisper-tiny.en")
     ap.add_argument("--data", default="../shared/data/speech/dev")
     ap.add_argument("--out", default="benchmarks/results/recovery-curves")
+    ap.add_argument("--oneshot-from", default=None, metavar="SWEEP.json",
+                    help="take one-shot points that benchmarks/sweep.py measured (same evaluation set) from its JSON")
     ap.add_argument("--all-stages", action="store_true", help="also the pruning stage before a final fine-tuning stage")
     args = ap.parse_args()
     out = Path(args.out)
@@ -125,6 +144,14 @@ def main() -> int:
                                                                  **score(teacher, dense, evaluation)}
     result = {"model": args.model, "data": args.data, "evaluation_utterances": len(evaluation),
               "dense": dense_point, "points": []}
+    swept = {}
+    if args.oneshot_from:
+        sweep = json.loads(Path(args.oneshot_from).read_text())
+        if sweep["evaluation_utterances"] != len(evaluation) or sweep["model"] != args.model:
+            raise SystemExit(f"{args.oneshot_from}: another model or evaluation set")
+        swept = {(r["pattern"], round(r["sparsity"], 4)): r for r in sweep["rows"]
+                 if r["method"] == "obs" and r["allocation"] == "uniform" and not r.get("admm_iterations")
+                 and r.get("refit_iterations") == REFIT_ITERATIONS}
     hessians = None
     for p in points:
         if p["kind"] == "one-shot":
@@ -133,8 +160,12 @@ def main() -> int:
         else:
             bundle = load_whisper(p["model"])
             p["digest"] = bundle.source_digest
+        row = swept.get((p["pattern"], p["sparsity"])) if p["kind"] == "one-shot" else None
         if (p["model"], p["digest"]) in known:
             p.update({k: v for k, v in known[(p["model"], p["digest"])].items() if k not in p})
+        elif row:
+            p.update({"wer": row["wer"], "agreement_wer": row["agreement_wer"],
+                      "hit_token_limit": row["hit_token_limit"], "source": args.oneshot_from})
         else:
             if bundle is None:  # one calibration of the dense model serves every one-shot point
                 hessians = hessians or collect_hessians(teacher, calib)

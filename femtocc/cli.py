@@ -304,6 +304,8 @@ def _cmd_recover(args) -> int:
         raise FemtoccError("--final-steps, --warmup and --val-limit must be >= 0 and --lr > 0")
     if min(args.kl_weight, args.hidden_weight, args.block_weight) < 0:
         raise FemtoccError("--kl-weight, --hidden-weight and --block-weight must be >= 0")
+    if args.keep == "best" and args.val_limit == 0:
+        raise FemtoccError("--keep best chooses by the held-back WER; it needs --val-limit above 0")
     rank, world, device = distributed.init_from_env(args.device)
     out = check_output_dir(args.output, "model", args.force)
     start = time.perf_counter()
@@ -327,6 +329,12 @@ def _cmd_recover(args) -> int:
                               val=val, device=device, student=bundle)
     if rank != 0:
         return 0
+    if args.keep == "best":  # early stopping: the stage at the final sparsity with the lowest held-back WER
+        final = report["stages"][-1]["target_sparsity"]
+        best = min((e for e in report["stages"] if e["target_sparsity"] == final and "val" in e),
+                   key=lambda e: (e["val"]["wer"], -e["stage"]))
+        student = load_whisper(str(work / f"stage-{best['stage']:02d}"))
+        report["kept_stage"] = best["stage"]
     student.metadata["dense_source"] = teacher_name if not Path(teacher_name).exists() else str(Path(teacher_name).resolve())
     save_bundle(student, out)
     report.update({"command": "femtocc " + " ".join(sys.argv[1:]), "schedule": plain[0], "teacher": teacher_name,
@@ -340,8 +348,9 @@ def _cmd_recover(args) -> int:
         json.dump(report, f, indent=1)
     last = report["stages"][-1]
     print(f"recovered {args.model} over {len(report['stages'])} stages to sparsity {last['target_sparsity']} "
-          f"({report['data']['speech_s']:.0f} s of training speech in {len(windows)} windows); "
-          f"wrote {out} (train-report.json) and the stages in {work}")
+          f"({report['data']['speech_s']:.0f} s of training speech in {len(windows)} windows)"
+          + (f", kept stage {report['kept_stage']}" if "kept_stage" in report else "")
+          + f"; wrote {out} (train-report.json) and the stages in {work}")
     return 0
 
 
@@ -505,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"after every stage, score WER on the calibration speakers of DIR, never its evaluation "
                         f"speakers (default {DEFAULT_DATA})")
     r.add_argument("--val-limit", type=int, default=None, help="score only N of them (0: no scoring)")
+    r.add_argument("--keep", choices=("last", "best"), default="last",
+                   help="the output: the last stage, or of the stages at the final sparsity the one with the lowest "
+                        "held-back WER (early stopping; default last)")
     r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: forward and backward under autocast, fp32 weights (1.9x faster on CPUs with AMX)")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -301,7 +301,7 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
             if rank == 0:
                 with atomic_write(out / "log.jsonl", "w") as f:
                     f.write("".join(json.dumps(e) + "\n" for e in lines))
-            log = [e for e in lines if e["event"] == "stage"]
+            log = [e for e in lines if e.get("event", "stage") == "stage"]
     for i in range(first, len(stages)):
         sparsity, steps = stages[i]
         start = time.perf_counter()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from femtocc.errors import FemtoccError
+from femtocc.passes.prune import weights_digest
 from femtocc.passes.recover import RecoverConfig, recover
 from femtocc.train_data import pack, teacher_targets
 from test_train_data import TRAIN as TRAIN_DIR
@@ -107,9 +108,14 @@ def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
     out = tmp_path / "rec"
     assert main(["prune", "whisper-tiny.en", "--schedule", "linear:0.4:0.7:2", "--train", str(TRAIN_DIR),
                  "--train-limit", "4", "--steps-per-stage", "2", "--warmup", "1", "--layers", LAYERS, "--top-k", "8", "--val-limit", "3",
+                 "--final-steps", "1", "--keep", "best",
                  "--calib", str(dev_data), "--calib-limit", "2", "-o", str(out), "--quiet"]) == 0
     report = json.loads((out / "train-report.json").read_text())
-    assert [s["target_sparsity"] for s in report["stages"]] == [0.55, 0.7]
+    assert [s["target_sparsity"] for s in report["stages"]] == [0.55, 0.7, 0.7]
+    best = min(report["stages"][1:], key=lambda e: (e["val"]["wer"], -e["stage"]))["stage"]
+    assert report["kept_stage"] == best
+    kept = load_whisper(str(tmp_path / "rec.recovery" / f"stage-{best:02d}"))
+    assert weights_digest(load_whisper(str(out)).model) == weights_digest(kept.model)
     assert all(s["val"]["utterances"] == 3 and s["val"]["wer"] >= 0 for s in report["stages"])
     assert report["data"]["utterances"] == 4 and report["data"]["speech_s"] > 0 and report["schedule"] == "linear:0.4:0.7:2"
     w = weights(load_whisper(str(out)))
@@ -133,14 +139,21 @@ def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
     (["--schedule", "cubic:0:0.5:3", "--pattern", "2:4"], "N:M fixes the sparsity"),
     (["--schedule", "cubic:0:0.5:3", "--train", "EMPTY"], "has no utterances"),
     (["--train", "EMPTY"], "needs both --schedule and --train"),
+    (["--schedule", "cubic:0:0.5:3", "--keep", "best", "--val-limit", "0"], "needs --val-limit above 0"),
     (["--schedule", "cubic:0:0.5:3", "--schedule", "cubic:0:0.2:3"], "exactly one --schedule without @REGEX"),
     (["--schedule", "cubic:0:0.5:3", "--schedule", "cubic:0:0.9:2@^encoder"], "same number of stages"),
+    (["--schedule", "cubic:0:0.5:3", "--pattern", "pencil3x"], "--pattern"),
+    (["--schedule", "cubic:0:0.5:3", "--train", "BADAUDIO"], "bad.flac: cannot read"),
 ])
 def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_data):
     from femtocc.cli import main
 
     (tmp_path / "empty").mkdir()
-    argv = [str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "transcripts.tsv").write_text("file\ttext\nbad.flac\tnot a recording\n")
+    (bad / "bad.flac").write_bytes(b"fLaC but not really" * 10)
+    argv = [{"EMPTY": str(tmp_path / "empty"), "BADAUDIO": str(bad)}.get(a, a) for a in argv]
     if "--train" not in argv:
         argv += ["--train", str(TRAIN_DIR)]
     assert main(["prune", "whisper-tiny.en", *argv, "--calib", str(dev_data), "-o", str(tmp_path / "o"), "--quiet"]) == 2
@@ -173,8 +186,6 @@ def test_two_gloo_processes_end_with_identical_weights_and_masks(tmp_path, dev_d
         assert stage["windows_per_step"] == 2 and stage["val"]["utterances"] == 2
     w = weights(load_whisper(str(out)))
     assert (w["encoder.layers.0.fc1"] == 0).mean() == pytest.approx(0.7, abs=0.01)
-    from femtocc.passes.prune import weights_digest
-
     assert weights_digest(load_whisper(str(out)).model) == report["stages"][-1]["rank_digests"][0]
 
 
