@@ -39,13 +39,6 @@ def kind_of(schedule: str) -> str:
     return "gradual"
 
 
-def score(bundle, dense, utts) -> dict:
-    from femtocc.decode import TorchBackend, score as corpus_score, transcribe
-
-    r = corpus_score(transcribe(bundle, TorchBackend(bundle), utts), dense)
-    return {"wer": r["wer"], "agreement_wer": r["agreement_wer"], "hit_token_limit": r["hit_token_limit"]}
-
-
 def training_s(model: Path) -> float:
     """Seconds of the training stages that made ``model`` (a recovery output, or one of its
     ``RUN.recovery/stage-NN`` folders), with those of the recovered model it started from."""
@@ -63,8 +56,8 @@ def training_s(model: Path) -> float:
 
 
 def run_points(run: Path, all_stages: bool = False) -> list[dict]:
-    """A run's stage checkpoints; of the stages that end at the same sparsity, only the last
-    (a pruning stage followed by a final fine-tuning stage is one point) unless ``all_stages``."""
+    """A run's stage checkpoints; of the stages at one sparsity (a pruning stage and a final
+    fine-tuning stage) only the one the run kept, else the last, unless ``all_stages``."""
     report = json.loads((run / "train-report.json").read_text())
     work = run.with_name(run.name + ".recovery")
     start = Path(report.get("start", ""))
@@ -117,9 +110,10 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     from femtocc.data import load_dataset, split_by_speaker
     from femtocc.frontend.whisper import load_whisper
-    from femtocc.passes.calibrate import collect_hessians, dense_transcripts
+    from femtocc.passes.calibrate import collect_hessians
     from femtocc.passes.obs import REFIT_ITERATIONS
     from femtocc.passes.prune import PruneConfig, prune_model
+    from femtocc.passes.recover import validate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True)
@@ -133,15 +127,14 @@ def main() -> int:
     out = Path(args.out)
     teacher = load_whisper(args.model)
     calib, evaluation = split_by_speaker(load_dataset(args.data))
-    dense = {uid: teacher.text(t) for uid, t in dense_transcripts(teacher, evaluation).items()}
     earlier = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     known = {(p["model"], p.get("digest")): p for p in earlier.get("points", [])}
     points = [p for run in args.runs for p in run_points(Path(run), args.all_stages)]
     for pattern, sparsity in sorted({(p["pattern"], p["sparsity"]) for p in points}):
         points.append({"kind": "one-shot", "model": f"{args.model} obs {pattern} {sparsity}", "pattern": pattern,
                        "sparsity": sparsity, "training_s": 0.0})
-    dense_point = known.get(("dense", teacher.source_digest)) or {"model": "dense", "digest": teacher.source_digest,
-                                                                 **score(teacher, dense, evaluation)}
+    dense_point = earlier.get("dense") if earlier.get("dense", {}).get("digest") == teacher.source_digest else \
+        {"model": "dense", "digest": teacher.source_digest, **validate(teacher, teacher, evaluation)}
     result = {"model": args.model, "data": args.data, "evaluation_utterances": len(evaluation),
               "dense": dense_point, "points": []}
     swept = {}
@@ -170,11 +163,10 @@ def main() -> int:
             if bundle is None:  # one calibration of the dense model serves every one-shot point
                 hessians = hessians or collect_hessians(teacher, calib)
                 bundle, _ = prune_model(teacher, PruneConfig("obs", p["sparsity"], p["pattern"]), calib, hessians=hessians)
-            p.update(score(bundle, dense, evaluation))
+            p.update(validate(bundle, teacher, evaluation))
         result["points"].append(p)
         print(f"{p['kind']:<22} {p['pattern']:<12} {p['sparsity']:.3f}  WER {p['wer']:6.2f}  agreement "
               f"{p['agreement_wer']:6.2f}  runaways {p['hit_token_limit']}  training {p['training_s']:.0f} s", flush=True)
-        result["dense"] = dense_point
         write_result(out.with_suffix(".json"), result)
     plot(result, out.with_suffix(".png"))
     print(f"dense WER {dense_point['wer']:.2f}; wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

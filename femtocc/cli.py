@@ -279,7 +279,7 @@ def _cmd_recover(args) -> int:
     from femtocc.cache import atomic_write, check_output_dir
     from femtocc.data import load_dataset, split_by_speaker
     from femtocc.frontend.whisper import load_whisper, save_bundle
-    from femtocc.passes.recover import RecoverConfig, recover
+    from femtocc.passes.recover import RecoverConfig, check_schedules, recover
     from femtocc.passes.schedule import parse_schedule
     from femtocc.passes.sparsity import parse_pattern
     from femtocc.train_data import pack, packing_stats, teacher_targets
@@ -294,10 +294,9 @@ def _cmd_recover(args) -> int:
                            f"got {len(plain)}")
     sparsities = parse_schedule(plain[0])
     groups = [(text.split("@", 1)[1], parse_schedule(text.split("@", 1)[0])) for text in args.schedule if "@" in text]
-    if any(len(g[1]) != len(sparsities) for g in groups):
-        raise FemtoccError(f"every --schedule needs the same number of stages ({len(sparsities)} in {plain[0]})")
+    check_schedules(RecoverConfig(sparsities, groups=groups))
     fixed = parse_pattern(args.pattern).fixed_sparsity
-    if fixed is not None and any(x != fixed for g in [sparsities, *(g[1] for g in groups)] for x in g):
+    if fixed is not None and any(x != fixed for x in [*sparsities, *(x for _, g in groups for x in g)]):
         raise FemtoccError(f"--pattern {args.pattern}: N:M fixes the sparsity at {fixed}; give a schedule that "
                            f"stays there, e.g. oneshot:{fixed}:{fixed}:1")
     if args.final_steps < 0 or args.warmup < 0 or args.lr <= 0 or (args.val_limit or 0) < 0:

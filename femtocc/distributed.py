@@ -79,7 +79,7 @@ def mean(value: float) -> float:
     import torch
     import torch.distributed as dist
 
-    rank, world = rank_world()
+    world = rank_world()[1]
     if world == 1:
         return value
     t = _on_backend(torch.tensor([value], dtype=torch.float64))

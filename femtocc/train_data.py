@@ -163,11 +163,10 @@ def teacher_targets(teacher, windows: list[Window], k: int = 16, hidden: bool = 
     import torch.nn.functional as F
     from transformers.modeling_outputs import BaseModelOutput
 
+    from femtocc import distributed
     from femtocc.cache import atomic_write, cache_root
     from femtocc.decode import TorchBackend, greedy_decode, token_limit
     from femtocc.progress import progress as steps
-
-    from femtocc import distributed
 
     folder = Path(folder) if folder else cache_root() / "teacher" / targets_key(teacher, windows, k, hidden)
     done = folder / "targets.json"

@@ -73,8 +73,6 @@ class RecoverConfig:
 def stage_targets(model, cfg: RecoverConfig, stage: int) -> dict[float, list[str]]:
     """Stage ``stage``'s sparsity -> the layers pruned to it: a layer follows the first of
     ``cfg.groups`` whose regex it matches, else the main schedule (if ``cfg.layers`` admits it)."""
-    import re
-
     from femtocc.passes.calibrate import prunable_layers
 
     names = list(prunable_layers(model))
@@ -88,6 +86,23 @@ def stage_targets(model, cfg: RecoverConfig, stage: int) -> dict[float, list[str
         if chosen:
             out.setdefault(sparsities[stage], []).extend(chosen)
     return out
+
+
+def check_schedules(cfg: RecoverConfig) -> None:
+    """Every schedule (the main one and each group's) is non-empty, never decreases, and has as
+    many stages as the main one."""
+    for sparsities in [cfg.sparsities, *(g[1] for g in cfg.groups)]:
+        if not sparsities or any(b < a for a, b in zip(sparsities, sparsities[1:])):
+            raise FemtoccError(f"a recovery schedule must be a non-empty, non-decreasing list, got {sparsities}")
+        if len(sparsities) != len(cfg.sparsities):
+            raise FemtoccError(f"every schedule needs the same number of stages, got {len(sparsities)} and "
+                               f"{len(cfg.sparsities)}")
+
+
+def sparsity_of(layers: dict) -> float:
+    """The fraction of zeros over the weights of ``layers`` (module path -> module)."""
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    return zeros / sum(m.weight.numel() for m in layers.values())
 
 
 LOG_EVERY = 10  # steps per line of the JSONL log
@@ -215,7 +230,7 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = np.random.default_rng([cfg.seed, stage, rank]).permutation(len(shard))
     extractor, settings = teacher.feature_extractor(), teacher.decode
-    sparsity = sum(int((m.weight == 0).sum()) for m in layers.values()) / sum(m.weight.numel() for m in layers.values())
+    sparsity = sparsity_of(layers)
     losses, start = [], time.perf_counter()
     model.train()
     try:
@@ -275,12 +290,7 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
     from femtocc.passes.calibrate import collect_hessians, dense_transcripts, prunable_layers
     from femtocc.passes.prune import PruneConfig, prune_model, weights_digest
 
-    for sparsities in [cfg.sparsities, *(g[1] for g in cfg.groups)]:
-        if not sparsities or any(b < a for a, b in zip(sparsities, sparsities[1:])):
-            raise FemtoccError(f"a recovery schedule must be a non-empty, non-decreasing list, got {sparsities}")
-        if len(sparsities) != len(cfg.sparsities):
-            raise FemtoccError(f"every schedule needs the same number of stages, got {len(sparsities)} and "
-                               f"{len(cfg.sparsities)}")
+    check_schedules(cfg)
     rank, world = distributed.rank_world()
     out = Path(out)
     if rank == 0:
@@ -321,10 +331,8 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
             distributed.broadcast_module(student.model)
         losses = distil(student, teacher, windows, targets, steps, cfg, i, device, progress,
                         out / "log.jsonl" if rank == 0 else None) if steps else []
-        layers = prunable_layers(student.model)
-        zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-        total = sum(m.weight.numel() for m in layers.values())
-        entry = {"event": "stage", "stage": i, "target_sparsity": sparsity, "sparsity": zeros / total, "steps": steps,
+        entry = {"event": "stage", "stage": i, "target_sparsity": sparsity,
+                 "sparsity": sparsity_of(prunable_layers(student.model)), "steps": steps,
                  "windows_per_step": cfg.batch * world,
                  "loss_first": _mean_loss(losses[: max(1, len(losses) // 10)]),
                  "loss_last": _mean_loss(losses[-max(1, len(losses) // 10):])}
