@@ -43,9 +43,9 @@ THRESHOLDS = {
 def measure(data: str) -> dict:
     from femtocc.compile import CompileOptions, compile_model
     from femtocc.data import load_dataset, split_by_speaker
-    from femtocc.decode import GraphBackend, build_runners, build_target, make_backend, score, transcribe
+    from femtocc.backends import make_backend
+    from femtocc.decode import GraphBackend, build_runners, build_target, score, transcribe
     from femtocc.frontend.whisper import load_whisper
-    from femtocc.passes.calibrate import _features
     from femtocc.runtime.report import utterance_stats
 
     from femtocc.passes.calibrate import dense_transcripts
@@ -54,7 +54,7 @@ def measure(data: str) -> dict:
     calibration, evaluation = split_by_speaker(load_dataset(data))
     subset = evaluation[:SUBSET]
     dense_transcripts(bundle, calibration[:CALIB])  # cached before the compile is timed
-    features = _features(bundle, subset[0].audio())
+    features = bundle.features(subset[0].audio())
     import onnxruntime
 
     from femtocc.frontend.onnx_export import export_whisper

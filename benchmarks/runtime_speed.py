@@ -37,7 +37,8 @@ def timed(bundle, backend, utts, sink=None) -> tuple[float, list, list]:
 
 def main() -> int:
     from femtocc.data import load_dataset, split_by_speaker
-    from femtocc.decode import GraphBackend, build_runners, build_target, make_backend
+    from femtocc.backends import make_backend
+    from femtocc.decode import GraphBackend, build_runners, build_target
     from femtocc.frontend.whisper import load_whisper
     from femtocc.runtime.report import utterance_stats
 

@@ -27,7 +27,6 @@ def main() -> int:
     from femtocc.data import load_dataset
     from femtocc.frontend.whisper import load_whisper
     from femtocc.ir import load
-    from femtocc.passes.calibrate import _features
     from femtocc.runtime.sim import SimRuntime
     from femtocc.targets.spu001 import load as load_target
     from femtocc.targets.spu001.cost import linear_layer_costs
@@ -46,7 +45,7 @@ def main() -> int:
            for w, p in manifest["programs"].items()}
 
     utt = load_dataset(args.data)[0]
-    enc = run["encoder"]({"input_features": _features(bundle, utt.audio())})["encoder_hidden_states"]
+    enc = run["encoder"]({"input_features": bundle.features(utt.audio())})["encoder_hidden_states"]
     cross = run["cross_kv"]({"encoder_hidden_states": enc})
     prompt = list(bundle.decode.prompt)
     cfg = bundle.config

@@ -52,9 +52,8 @@ def linear_cycles(sink) -> float:
 
 def main() -> int:
     from femtocc.data import SAMPLE_RATE, load_dataset
-    from femtocc.decode import make_backend
+    from femtocc.backends import make_backend
     from femtocc.frontend.whisper import load_whisper
-    from femtocc.passes.calibrate import _features
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dense", required=True)
@@ -69,7 +68,7 @@ def main() -> int:
     utt = min(utts, key=lambda u: (abs(soundfile.info(str(u.audio_path)).duration - 10.0), u.id))
     audio = utt.audio()
     duration = len(audio) / SAMPLE_RATE
-    features = _features(bundle, audio)
+    features = bundle.features(audio)
 
     ort = make_backend(bundle, "onnxruntime")
     decode_with(ort.runners, bundle, features, duration)  # warm up

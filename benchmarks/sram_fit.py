@@ -22,7 +22,7 @@ def main() -> int:
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.calibrate import collect_hessians, prunable_layers
     from femtocc.passes.prune import PruneConfig, weight_matrix, prune_model
-    from femtocc.passes.select_layout import layout_costs
+    from femtocc.targets.spu001.cost import format_costs
     from femtocc.targets.spu001 import load
 
     ap = argparse.ArgumentParser()
@@ -38,7 +38,7 @@ def main() -> int:
         model = bundle if s == 0 else prune_model(bundle, PruneConfig("obs", s, "pencil8"), calib, hessians=hessians)[0]
         totals = {"encoder": 0, "decoder": 0}
         for name, module in prunable_layers(model.model).items():
-            costs = layout_costs(weight_matrix(module).T, 8, target)
+            costs = format_costs(weight_matrix(module).T, 8, target)
             best = min(costs.values(), key=lambda c: (c["cycles_per_row"], c["bytes"]))
             totals[name.split(".")[0]] += best["bytes"]
         fits = totals["encoder"] <= target.sram_bytes

@@ -128,7 +128,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def sweep_model(model: str, args) -> dict:
     from femtocc.cache import atomic_write
     from femtocc.data import load_dataset, split_by_speaker
-    from femtocc.decode import make_backend, score, transcribe
+    from femtocc.backends import make_backend
+    from femtocc.decode import score, transcribe
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.calibrate import collect_hessians, prunable_layers
     from femtocc.passes.prune import PruneConfig, prune_model

@@ -20,7 +20,8 @@ from common import write_result
 
 def main() -> int:
     from femtocc.data import load_dataset, split_by_speaker
-    from femtocc.decode import GraphBackend, make_backend, score, transcribe
+    from femtocc.backends import make_backend
+    from femtocc.decode import GraphBackend, score, transcribe
     from femtocc.frontend.onnx_export import export_whisper
     from femtocc.frontend.whisper import load_whisper
     from femtocc.targets.spu001.tvm import tvm_runner

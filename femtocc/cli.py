@@ -194,7 +194,8 @@ def dense_reference(bundle, utts) -> dict[str, str]:
 
 def cmd_eval(args) -> int:
     from femtocc.cache import atomic_write
-    from femtocc.decode import make_backend, score, transcribe
+    from femtocc.backends import make_backend
+    from femtocc.decode import score, transcribe
     from femtocc.frontend.whisper import load_whisper
 
     json_path = _check_json(args.json)
@@ -363,7 +364,7 @@ def cmd_compile(args) -> int:
                                f"(or leave out {given[0]})")
     opts = CompileOptions(
         model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
-        sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern or "pencil8",
+        sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern or "",
         force=args.force,
         quant=args.quant, weight_quant=args.weight_quant, calib=args.calib, calib_limit=args.calib_limit,
         range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
@@ -427,7 +428,7 @@ def cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from femtocc import __version__
-    from femtocc.decode import BACKENDS
+    from femtocc.backends import BACKENDS
     from femtocc.passes import DEFAULT_PIPELINE
 
     parser = _Parser(
@@ -475,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--method", choices=METHODS, default="obs")
     p.add_argument("--sparsity", type=sparsity, default=0.5, help="fraction of pruned-layer weights set to zero (default 0.5)")
-    p.add_argument("--pattern", type=pattern, default="unstructured", help="unstructured, pencil8 or N:M such as 2:4 (default unstructured)")
+    p.add_argument("--pattern", type=pattern, default="unstructured", help="unstructured, pencilH such as pencil8, or N:M such as 2:4 (default unstructured)")
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="same sparsity in every layer, or allocated across layers from the OBS error (default uniform)")
     p.add_argument("--damping", type=float, default=None, help="OBS damping as a fraction of mean(diag H) (default: automatic)")
@@ -544,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=None, help="prune with this method first (default: no pruning)")
     p.add_argument("--sparsity", type=sparsity, default=None, help="with --method: fraction of weights set to zero (default 0.5)")
     p.add_argument("--pattern", type=pattern, default=None,
-                   help="with --method: pruning pattern (default pencil8, the SPU's native sparsity)")
+                   help="with --method: pruning pattern (default the target's native pencil: pencil8 on spu001)")
     from femtocc.compile import QUANT
 
     p.add_argument("--quant", choices=tuple(QUANT), default="w8a16")

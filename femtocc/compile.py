@@ -8,7 +8,9 @@ Stages, each timed:
 3. ``import``: the float graphs (the cached ONNX export of the dense model, imported, the float
    pipeline run) with the pruned weights put in place by module path;
 4. ``ranges``: the largest |x| of every activation on calibration speech (IR interpreter);
-5. ``quantize``, ``layout``, ``tile``: the target passes;
+5. ``quantize``, ``layout``, ``tile``: the passes of the named ``spu001`` pipeline (one pass manager
+   per graph, the calibrated ranges on the values; ``--print-ir-after-all`` prints every pass of
+   both pipelines);
 6. ``codegen``: the programs, written atomically with ``build.json`` (manifest and report).
 
 ``BUILD/`` then holds ``encoder.spu``, ``cross_kv.spu``, ``decoder_step.spu``, ``build.json``,
@@ -18,9 +20,6 @@ Stages, each timed:
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,7 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 
-FLOAT_PIPELINE = "canonicalize,fold-gelu,fold-dense,lower-conv,dce,annotate-sparsity"
 QUANT = {"w8a16": (8, 16), "w4a8": (4, 8)}
-SPARSITY_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 
 
 @dataclass
@@ -41,7 +38,7 @@ class CompileOptions:
     target: str = ""
     method: str | None = None  # obs, mp-local, mp-global or None (no pruning)
     sparsity: float = 0.5
-    pattern: str = "pencil8"
+    pattern: str = ""  # empty: the target's native pencil (spu001: pencil8)
     quant: str = "w8a16"
     weight_quant: str = "round"  # or "gptq": second-order rounding with error compensation
     calib: str = "../shared/data/speech/dev"
@@ -109,10 +106,11 @@ def compile_model(opts: CompileOptions) -> dict:
     from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper, load_onnx
     from femtocc.frontend.onnx_ir import import_onnx
     from femtocc.frontend.whisper import load_whisper
-    from femtocc.passes import PassManager
-    from femtocc.passes.calibrate import collect_value_ranges, dense_transcripts
-    from femtocc.targets.spu001 import DEFAULT, load
+    from femtocc.passes import PassManager, pipeline
+    from femtocc.passes.calibrate import attach_ranges, collect_value_ranges, dense_transcripts
+    from femtocc.runtime.program import VERSION as PROGRAM_VERSION
     from femtocc.targets.spu001.codegen import generate
+    from femtocc.targets.spu001.description import load_target
 
     if opts.quant not in QUANT:
         raise FemtoccError(f"--quant {opts.quant!r}: choose from {', '.join(QUANT)}")
@@ -121,12 +119,19 @@ def compile_model(opts: CompileOptions) -> dict:
     if opts.calib_limit < 1:
         raise FemtoccError("--calib-limit must be at least 1")
     check_output_dir(opts.output, "build", opts.force)
-    target = load(opts.target or DEFAULT)
+    target = load_target(opts.target)
     wbits, abits = QUANT[opts.quant]
     if opts.method:
         from femtocc.passes.prune import PruneConfig, prune_model
 
-        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=opts.pattern)
+        from femtocc.passes.sparsity import parse_pattern
+
+        native = f"pencil{target.facts.pencil}"
+        chosen = parse_pattern(opts.pattern or native)
+        if chosen.kind == "pencil" and chosen.name != native:
+            raise FemtoccError(f"--pattern {chosen.name}: {target.name} stores pencils of {target.facts.pencil} "
+                               f"(facts.pencil in {target.source}); prune with {native}")
+        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=chosen.name)
         cfg.check()
     t0 = t = time.perf_counter()
     bundle = load_whisper(opts.model)
@@ -150,8 +155,9 @@ def compile_model(opts: CompileOptions) -> dict:
         scales = gptq_weights(model, calib, tokens, wbits, opts.progress)
         t = _stage(opts, "gptq", t, f"{len(scales)} layers rounded with error compensation")
     paths = export_whisper(bundle, None)
-    manager = PassManager.parse(FLOAT_PIPELINE)
-    graphs = {w: manager.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
+    print_opts = {"print_after_all": opts.print_ir_after_all, "print_after": opts.print_ir_after}
+    float_pm = PassManager.parse(pipeline("lowered"), **print_opts)
+    graphs = {w: float_pm.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
     replaced = put_weights(graphs, model.model, scales) if model is not bundle else 0
     if model is not bundle:
         for g in graphs.values():
@@ -160,33 +166,32 @@ def compile_model(opts: CompileOptions) -> dict:
 
     ranges = collect_value_ranges(graphs, model, calib[: opts.range_limit] if opts.range_limit else calib,
                                   progress=opts.progress, tokens=tokens)
-    workdir = Path(tempfile.mkdtemp(prefix="femtocc-compile-"))
-    ranges_path = workdir / "ranges.json"
-    ranges_path.write_text(json.dumps(ranges, indent=0))
+    attach_ranges(graphs, ranges)
     t = _stage(opts, "ranges", t, f"{len(ranges)} activations")
 
-    spec = f"quantize{{ranges={ranges_path},weight-bits={wbits},act-bits={abits}}}"
-    target_path = opts.target or str(DEFAULT)
-    stats: dict[str, dict] = {w: {} for w in graphs}
-    for name, pipeline in (("quantize", spec), ("layout", f"select-layout{{target={target_path}}}")):
-        for w, g in graphs.items():
-            m = PassManager.parse(pipeline, print_after_all=opts.print_ir_after_all, print_after=opts.print_ir_after)
-            m.run(g)
-            stats[w][name] = m.records[-1].stats
-        t = _stage(opts, name, t)
+    # the spu001 pipeline, one pass manager per graph; its passes' times make the report's stages
     prompt = len(bundle.decode.prompt)
+    stats: dict[str, dict] = {w: {} for w in graphs}
+    seconds = {"quantize": 0.0, "layout": 0.0, "tile": 0.0}
+    stage_of = {"quantize": "quantize", "select-layout": "layout", "tile-sram": "tile"}
     for w, g in graphs.items():
-        tokens_bound = prompt if w == "decoder_step" else 1
-        m = PassManager.parse(f"tile-sram{{target={target_path},tokens={tokens_bound},act-bytes={abits // 8}}}",
-                              print_after_all=opts.print_ir_after_all, print_after=opts.print_ir_after)
+        spec = pipeline("spu001", target=opts.target, weight_bits=wbits, act_bits=abits,
+                        tokens=prompt if w == "decoder_step" else 1)
+        m = PassManager.parse(spec, **print_opts)
         m.run(g)
-        stats[w]["tile"] = m.records[-1].stats
-    t = _stage(opts, "tile", t)
+        for r in m.records:
+            stats[w][stage_of[r.name]] = r.stats
+            seconds[stage_of[r.name]] += r.seconds
+    for name, sec in seconds.items():
+        opts.stages[name] = round(sec, 3)
+        if opts.log is not None:
+            print(f"[{len(opts.stages)}] {name:<9} {sec:7.1f} s", file=opts.log, flush=True)
+    t = time.perf_counter()
 
     programs = {w: generate(g, target).to_bytes() for w, g in graphs.items()}
     report = build_report(graphs, stats, target, bundle, prune_report, opts, programs)
     manifest = {
-        "format": "femtocc-build/1",
+        "format": f"femtocc-build/{PROGRAM_VERSION}",
         "model": opts.model,
         "model_name": bundle.name,
         "target": target.name,
@@ -200,8 +205,7 @@ def compile_model(opts: CompileOptions) -> dict:
     opts.stages["total"] = round(time.perf_counter() - t0, 3)
     report["stages_s"] = dict(opts.stages)
     with atomic_dir(Path(opts.output)) as tmp:
-        shutil.move(ranges_path, tmp / "ranges.json")
-        shutil.rmtree(workdir, ignore_errors=True)
+        (tmp / "ranges.json").write_text(json.dumps(ranges, indent=0))
         for w, data in programs.items():
             (tmp / f"{w}.spu").write_bytes(data)
         (tmp / "build.json").write_text(json.dumps(manifest, indent=1))
@@ -220,13 +224,15 @@ def compile_model(opts: CompileOptions) -> dict:
 
 def build_report(graphs, stats, target, bundle, prune_report, opts, programs) -> dict:
     """Per-layer sparsity, format, bytes, placement and predicted cycles; totals; bytes vs sparsity."""
+    from femtocc.targets.spu001.cost import bytes_vs_sparsity, weight_cost
+
     layers = []
     for w, g in graphs.items():
         for node in g.nodes:
             if node.op != "qdense":
                 continue
             c = node.inputs[1]
-            lay, place = c.attrs.get("layout", {}), c.attrs.get("placement", {})
+            lay, place = weight_cost(c, target), c.attrs.get("placement", {})
             rows = 1
             for d in node.inputs[0].type.shape[:-1]:
                 rows *= d if isinstance(d, int) else 1
@@ -253,31 +259,6 @@ def build_report(graphs, stats, target, bundle, prune_report, opts, programs) ->
     }
 
 
-def bytes_vs_sparsity(graphs, target) -> dict:
-    """Weight bytes of every prunable qdense at each pencil8 sparsity of the grid (exact: a pencil8
-    layer at sparsity s keeps ceil((1 - s) * pencils) pencils, whichever method chose them), and the
-    first sparsity at which the encoder's weights fit the SRAM beside its activation high-water mark."""
-    word = target.facts.pencil + target.assumptions.pencil_index_bits // 8
-    rows, resident_from = [], None
-    for s in SPARSITY_GRID:
-        row = {"sparsity": s}
-        for w, g in graphs.items():
-            total = 0
-            for node in (n for n in g.nodes if n.op == "qdense"):
-                n_in, n_out = node.inputs[1].data.shape
-                prunable = node.meta.get("scope", "").startswith(("encoder.", "decoder."))
-                kept = math.ceil(round((1 - s) * n_in * n_out / target.facts.pencil, 6)) * word
-                total += min(n_in * n_out, kept) if prunable and s > 0 else n_in * n_out
-            row[f"{w}_bytes"] = total
-        if "encoder_bytes" in row:
-            row["encoder_resident"] = row["encoder_bytes"] <= target.sram_bytes
-            if row["encoder_resident"] and resident_from is None:
-                resident_from = s
-        rows.append(row)
-    return {"pattern": "pencil8", "bits": 8, "rows": rows, "encoder_resident_from": resident_from,
-            "sram_bytes": target.sram_bytes}
-
-
 def plot_report(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -289,7 +270,7 @@ def plot_report(report: dict, path: Path) -> None:
     x = np.arange(len(layers))
     a.bar(x, [r["dense_bytes"] / 1024 for r in layers], color="#ccc", label="dense int8")
     a.bar(x, [r["bytes"] / 1024 for r in layers], color=["#1f77b4" if r["format"] == "dense" else "#d62728" for r in layers],
-          label="stored (red: pencil8)")
+          label=f"stored (red: {report['weight_bytes_vs_sparsity']['pattern']})")
     a.set_yscale("log")
     a.set_xlabel("qdense layer (encoder, cross K/V, decoder)")
     a.set_ylabel("KiB")
@@ -298,8 +279,9 @@ def plot_report(report: dict, path: Path) -> None:
     rows = report["weight_bytes_vs_sparsity"]["rows"]
     for key in [k for k in rows[0] if k.endswith("_bytes")]:
         b.plot([r["sparsity"] for r in rows], [r[key] / 2**20 for r in rows], marker="o", label=key[:-6])
-    b.axhline(report["weight_bytes_vs_sparsity"]["sram_bytes"] / 2**20, color="k", ls="--", label="SRAM (1 MiB)")
-    b.set_xlabel("pencil8 sparsity")
+    sram = report["weight_bytes_vs_sparsity"]["sram_bytes"]
+    b.axhline(sram / 2**20, color="k", ls="--", label=f"SRAM ({sram / 2**20:g} MiB)")
+    b.set_xlabel(f"{report['weight_bytes_vs_sparsity']['pattern']} sparsity")
     b.set_ylabel("int8 weight MiB")
     b.set_yscale("log")
     b.set_title("weight bytes vs sparsity")
@@ -316,14 +298,15 @@ def print_report(report: dict, out) -> None:
         print(f"{r['graph']:<13}{r['layer'][:39]:<40}{'x'.join(map(str, r['shape'])):>11}{r['sparsity']:>9.3f}"
               f"{r['format']:>9}{r['bytes'] / 1024:>9.1f}{r['dense_bytes'] / 1024:>10.1f}{r['placement'] or '-':>8}"
               f"{r['cycles'] / 1e6:>9.3f}", file=out)
+    pattern = report["weight_bytes_vs_sparsity"]["pattern"]
     for w, t in report["totals"].items():
         speed = t["dense_cycles"] / max(t["predicted_cycles"], 1)
         print(f"{w}: weights {t['weight_bytes'] / 2**20:.2f} MiB (dense {t['dense_weight_bytes'] / 2**20:.2f}), "
-              f"{t['sparse_layers']} pencil8 layers, predicted {t['predicted_cycles'] / 1e6:.1f} Mcycles "
+              f"{t['sparse_layers']} {pattern} layers, predicted {t['predicted_cycles'] / 1e6:.1f} Mcycles "
               f"(honest speedup {speed:.2f}x), program {t['program_bytes'] / 2**20:.2f} MiB, SRAM high-water "
               f"{t.get('tile_high-water-bytes-per-core', 0) / 1024:.0f} KiB/core, external {t.get('tile_external-bytes-per-run', 0) / 2**20:.1f} MiB/run",
               file=out)
     bvs = report["weight_bytes_vs_sparsity"]
-    print("weight bytes vs pencil8 sparsity: " + ", ".join(
+    print(f"weight bytes vs {pattern} sparsity: " + ", ".join(
         f"{r['sparsity']:.2f}: {r.get('encoder_bytes', 0) / 2**20:.2f} MiB enc" for r in bvs["rows"]), file=out)
-    print(f"encoder weights SRAM-resident from pencil8 sparsity {bvs['encoder_resident_from']}", file=out)
+    print(f"encoder weights SRAM-resident from {pattern} sparsity {bvs['encoder_resident_from']}", file=out)

@@ -26,7 +26,6 @@ from femtocc.errors import FemtoccError
 
 TOKENS_PER_SECOND = 8
 TOKEN_SLACK = 16
-BACKENDS = ("torch", "onnxruntime", "ir")
 
 
 class Session(Protocol):
@@ -154,30 +153,6 @@ def ir_runner(graph) -> Runner:
     return Interpreter(graph).run
 
 
-def make_backend(bundle, kind: str, manager=None, progress=None, export_dir=None) -> Backend:
-    """``torch``, ``onnxruntime`` or ``ir`` (the IR interpreter, after the passes of ``manager``,
-    a :class:`~femtocc.passes.PassManager`; by default the standard pipeline).
-
-    The ONNX graphs come from the export cache, or are written to ``export_dir`` when given.
-    """
-    if kind == "torch":
-        return TorchBackend(bundle)
-    from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper
-
-    paths = export_whisper(bundle, export_dir, progress=progress)
-    if kind == "onnxruntime":
-        return GraphBackend(kind, {w: ort_runner(paths[w]) for w in GRAPH_NAMES}, bundle.config)
-    if kind == "ir":
-        from femtocc.frontend.onnx_export import load_onnx
-        from femtocc.frontend.onnx_ir import import_onnx
-        from femtocc.passes import DEFAULT_PIPELINE, PassManager
-
-        manager = manager or PassManager.parse(DEFAULT_PIPELINE)
-        graphs = {w: manager.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
-        return GraphBackend(kind, {w: ir_runner(g) for w, g in graphs.items()}, bundle.config)
-    raise FemtoccError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
-
-
 RUNTIMES = ("reference", "sim")
 
 
@@ -233,7 +208,7 @@ def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
         except OSError as e:
             raise FemtoccError(f"{file}: cannot read ({e.strerror})") from None
         head = Program.from_bytes(data[w], str(file), validate=False)
-        bits = {b.bits for b in head.buffers if b.layout in ("dense", "pencil8")}
+        bits = {b.bits for b in head.buffers if b.layout in ("dense", "pencil")}
         for what, found, want in (("target", head.target, manifest["target"][:16]), ("graph", head.graph, w[:16])):
             if found != want:
                 raise FemtoccError(f"{file}: {what} {found!r} in the program, {want!r} in {path.name}")
@@ -395,7 +370,6 @@ def transcribe(bundle, backend: Backend, utts: list[Utterance], progress: bool =
     whatever the backend (Whisper makes words up for it: tiny.en says "you" to digital silence)."""
     from femtocc.progress import progress as steps
 
-    extractor = bundle.feature_extractor()
     results = []
     for u in steps(utts, f"transcribe [{backend.name}]", "utt", enabled=progress):
         audio = u.audio()
@@ -403,9 +377,7 @@ def transcribe(bundle, backend: Backend, utts: list[Utterance], progress: bool =
         tokens, texts, hit = [], [], False
         for a, b in windows(audio):
             if b > a and float(np.max(np.abs(audio[a:b]))) >= SILENCE_PEAK:  # silence is not decoded
-                features = extractor(audio[a:b], sampling_rate=SAMPLE_RATE,
-                                     return_tensors="np").input_features.astype(np.float32)
-                part, cut = greedy_decode(backend.start(features), bundle.decode,
+                part, cut = greedy_decode(backend.start(bundle.features(audio[a:b])), bundle.decode,
                                           token_limit((b - a) / SAMPLE_RATE, bundle.decode))
                 tokens += part
                 texts.append(bundle.text(part).strip())

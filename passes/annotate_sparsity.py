@@ -1,11 +1,12 @@
-"""annotate-sparsity: record each weight's sparse encoding on its constant, from its zeros.
+"""annotate-sparsity: record the sparsity pattern of each weight's zeros on its constant (an analysis).
 
-For every ``dense`` and ``conv`` node with a constant weight whose zeros allow a sparse format,
-the constant gets ``attrs["sparsity"] = {format, nnz, sparsity[, pencils]}`` where format is the
-most structured one the zeros fit: ``pencil8`` (whole pencils of 8 output channels), then
+For every ``dense`` and ``conv`` node with a constant weight that has zeros, the constant gets
+``attrs["sparsity"] = {format, nnz, sparsity[, pencils]}`` where format is the most structured
+pattern the zeros follow: ``pencil{pencil}`` (whole pencils of that many output channels), then
 ``2:4``/``1:4``/``4:8``, then ``unstructured`` (see :func:`femtocc.passes.sparsity.describe`).
-Dense weights get no annotation. The data is not changed; later passes (layout selection) read
-the annotation.
+Dense weights get no annotation. The data and the types are not changed: this is what reports and
+readers of the IR see; the storage format a target uses is a type encoding that its layout pass
+chooses from the data (``select-layout``), not from this annotation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def weight_out_in(node):
 @register
 class AnnotateSparsity(Pass):
     name = "annotate-sparsity"
+    pencil: int = 8  # the pencil height to look for
 
     def run(self, graph):
         annotated = 0
@@ -35,7 +37,7 @@ class AnnotateSparsity(Pass):
             const, matrix = weight_out_in(node)
             if const is None:
                 continue
-            encoding = describe(matrix)
+            encoding = describe(matrix, self.pencil)
             if encoding["format"] == "dense":
                 const.attrs.pop("sparsity", None)
                 continue

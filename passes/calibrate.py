@@ -102,7 +102,7 @@ def dense_transcripts(bundle, utts: list[Utterance]) -> dict[str, list[int]]:
         if results[u.id] is None:
             backend = backend or torch_graph_backend(bundle)
             audio = u.audio()
-            results[u.id] = _decode_and_cache(bundle, u, backend.start(_features(bundle, audio)), len(audio) / SAMPLE_RATE)
+            results[u.id] = _decode_and_cache(bundle, u, backend.start(bundle.features(audio)), len(audio) / SAMPLE_RATE)
     return results
 
 
@@ -119,11 +119,6 @@ def _decode_and_cache(bundle, u: Utterance, session, seconds: float) -> list[int
     with atomic_write(_token_cache(bundle, u), "w") as f:
         json.dump(tokens, f)
     return tokens
-
-
-def _features(bundle, audio):
-    extractor = bundle.feature_extractor()
-    return extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
 
 
 def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utterance) -> None:
@@ -144,7 +139,7 @@ def _drive(bundle, utts, dense_tokens, recording: dict, progress: bool, on_utter
             audio = u.audio()
             seconds = len(audio) / SAMPLE_RATE
             on_utterance(u, seconds)
-            session = backend.start(_features(bundle, audio))
+            session = backend.start(bundle.features(audio))
             tokens = dense_tokens[u.id] if dense_tokens is not None else _cached_tokens(bundle, u)
             if tokens is None:  # decode without recording, then record the teacher-forced pass
                 recording["on"] = False
@@ -253,6 +248,19 @@ def range_key(graph, value) -> str:
     return f"{graph.name}:{value.name}"
 
 
+def attach_ranges(graphs: dict, ranges: dict[str, float]) -> int:
+    """Put each calibrated range on its value (``attrs["range"]``), where ``quantize`` reads it;
+    returns how many values got one."""
+    done = 0
+    for g in graphs.values():
+        for v in g.values().values():
+            key = range_key(g, v)
+            if key in ranges:
+                v.attrs["range"] = float(ranges[key])
+                done += 1
+    return done
+
+
 def finite_peak(array: np.ndarray) -> float:
     """Largest finite |x| (0 if none): a masked ``-inf`` saturates to the quantized minimum, it
     does not stretch the scale."""
@@ -302,6 +310,6 @@ def collect_value_ranges(graphs: dict, bundle, utts: list[Utterance], progress: 
     tokens = tokens if tokens is not None else dense_transcripts(bundle, utts)
     backend = GraphBackend("calibrate", {w: recorder.runner(g) for w, g in graphs.items()}, bundle.config)
     for u in steps(utts, "ranges", "utt", enabled=progress):
-        session = backend.start(_features(bundle, u.audio()))
+        session = backend.start(bundle.features(u.audio()))
         session.step(list(bundle.decode.prompt) + list(tokens[u.id]))
     return dict(sorted(recorder.ranges.items()))

@@ -1,8 +1,9 @@
 """fold-dense: ``matmul(x, W)`` with a constant 2-D ``W`` [in, out], and an ``add`` of a constant
 bias [out] after it, become one ``dense(x, W, b)``.
 
-Afterwards every matmul by a constant matrix is a ``dense`` op: the unit that pruning,
-quantization and layout selection work on. The node keeps the matmul's scope (module path).
+Afterwards every live matmul by a constant matrix is a ``dense`` op: the unit that pruning,
+quantization and layout selection work on. The node keeps the matmul's scope (module path); the
+matmul and add it replaces are left dead for ``dce``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """quantize: the whole float data path becomes integer ops (W8A16 by default; W4A8 option).
 
-Input: a float graph after ``lower-conv`` and a ranges file from
-:func:`femtocc.passes.calibrate.collect_value_ranges` (``{"encoder:gelu_6": 3.1, ...}``, keys as
+Input: a float graph after ``lower-conv`` whose float values carry their calibrated range
+(``attrs["range"]``, put there by :func:`femtocc.passes.calibrate.attach_ranges`), or a ranges file
+(``quantize{ranges=PATH}``: ``{"encoder:gelu_6": 3.1, ...}``, keys as
 :func:`~femtocc.passes.calibrate.range_key`). Every float activation gets a static symmetric
 scale ``range / qmax(act-bits)``; then, node by node:
 
@@ -324,6 +325,13 @@ class Quantize(Pass):
     def run(self, graph):
         if self.weight_bits not in (4, 8) or self.act_bits not in (8, 16):
             raise FemtoccError(f"quantize: weight-bits must be 4 or 8 and act-bits 8 or 16, got {self.weight_bits}, {self.act_bits}")
-        if not self.ranges:
-            raise FemtoccError("quantize needs calibrated ranges: quantize{ranges=PATH}")
-        return _Quantizer(graph, load_ranges(self.ranges), self.weight_bits, self.act_bits).run()
+        if self.ranges:
+            ranges = load_ranges(self.ranges)
+        else:
+            from femtocc.passes.calibrate import range_key
+
+            ranges = {range_key(graph, v): float(v.attrs["range"]) for v in graph.values().values() if "range" in v.attrs}
+            if not ranges:
+                raise FemtoccError("quantize needs calibrated ranges: values with attrs['range'] (femtocc compile "
+                                   "calibrates them) or quantize{ranges=PATH}")
+        return _Quantizer(graph, ranges, self.weight_bits, self.act_bits).run()

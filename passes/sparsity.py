@@ -3,8 +3,9 @@
 Weights here are in the ``[out, in]`` orientation (a row per output channel):
 
 * ``unstructured``: any weight may be zero.
-* ``pencil8``: the spu001 native format. A pencil is 8 consecutive output channels at one input
-  index, ``W[8g:8g+8, j]`` (one 64-bit word of 8 int8 weights); pencils are kept or pruned whole.
+* ``pencilH``: a target's native format (spu001: ``pencil8``). A pencil is ``H`` consecutive output
+  channels at one input index, ``W[Hg:Hg+H, j]`` (one memory word of ``H`` int8 weights); pencils
+  are kept or pruned whole.
 * ``N:M``: in every group of ``M`` consecutive inputs of a row at most ``N`` weights are nonzero
   (``2:4`` keeps 2 of 4: 50 %).
 """
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from femtocc.errors import FemtoccError
-
-PENCIL = 8
+from femtocc.ir.formats import best_fit
+from femtocc.ir.formats.dense import DENSE
+from femtocc.ir.formats.pencil import Pencil
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,13 @@ def parse_pattern(text: str) -> Pattern:
     text = text.strip().lower()
     if text == "unstructured":
         return Pattern("unstructured")
-    if text == "pencil8":
-        return Pattern("pencil", m=PENCIL)
+    m = re.fullmatch(r"pencil(\d+)", text)
+    if m and int(m.group(1)) >= 1:
+        return Pattern("pencil", m=int(m.group(1)))
     m = re.fullmatch(r"(\d+):(\d+)", text)
     if m and 0 < int(m.group(1)) < int(m.group(2)):
         return Pattern("nm", n=int(m.group(1)), m=int(m.group(2)))
-    raise FemtoccError(f"unknown sparsity pattern {text!r}: use unstructured, pencil8 or N:M such as 2:4")
+    raise FemtoccError(f"unknown sparsity pattern {text!r}: use unstructured, pencilH such as pencil8, or N:M such as 2:4")
 
 
 def mask_follows(mask: np.ndarray, pattern: Pattern) -> bool:
@@ -68,20 +71,16 @@ def mask_follows(mask: np.ndarray, pattern: Pattern) -> bool:
     return True
 
 
-def describe(weight_out_in: np.ndarray) -> dict:
-    """The sparse encoding a weight's zeros allow, most structured first (for IR annotations)."""
+def describe(weight_out_in: np.ndarray, pencil: int = 8) -> dict:
+    """The sparsity of a weight and the most structured pattern its zeros follow (for the
+    ``annotate-sparsity`` analysis): ``pencil{pencil}``, ``2:4`` / ``1:4`` / ``4:8``, else ``unstructured``;
+    ``dense`` when nothing is zero. See :func:`femtocc.ir.formats.best_fit`."""
     w = np.asarray(weight_out_in)
-    zeros = w == 0
-    out, inp = w.shape
-    encoding: dict = {"format": "dense", "nnz": int(w.size - zeros.sum()), "sparsity": round(float(zeros.mean()), 6)}
-    if zeros.mean() == 0:
+    zeros = int((w == 0).sum())
+    encoding: dict = {"format": "dense", "nnz": int(w.size - zeros), "sparsity": round(zeros / max(w.size, 1), 6)}
+    if zeros == 0:
         return encoding
-    if out % PENCIL == 0:
-        pencils = zeros.reshape(out // PENCIL, PENCIL, inp)
-        whole = pencils.all(axis=1)
-        if np.all(whole == pencils.any(axis=1)):
-            return {**encoding, "format": f"pencil{PENCIL}", "pencils": int((~whole).sum())}
-    for n, m in ((2, 4), (1, 4), (4, 8)):
-        if inp % m == 0 and np.all((~zeros).reshape(out, inp // m, m).sum(axis=2) <= n):
-            return {**encoding, "format": f"{n}:{m}"}
-    return {**encoding, "format": "unstructured"}
+    fmt = best_fit(w.T, pencil)
+    if isinstance(fmt, Pencil):
+        return {**encoding, "format": fmt.name, "pencils": fmt.pencils(w.T)}
+    return {**encoding, "format": "unstructured" if fmt is DENSE else fmt.name}

@@ -1,4 +1,4 @@
-"""The ``.spu`` program format (version 1): what codegen writes and every runtime reads.
+"""The ``.spu`` program format (version 2): what codegen writes and every runtime reads.
 
 All integers little-endian. A file is::
 
@@ -8,7 +8,7 @@ All integers little-endian. A file is::
     strings     per string: u16 length, UTF-8 bytes          (names of buffers and symbols)
     buffers     per buffer (the memory map), fixed 112 bytes: u32 name, u8 dtype, u8 region,
                 u8 layout, u8 rank, 6 x (i32 const, i32 coef_T, i32 coef_P) dims, u64 address,
-                u64 bytes, u64 blob offset, u32 bits, u32 reserved
+                u64 bytes, u64 blob offset, u32 bits, u32 block
     code        per instruction: u16 opcode, u8 inputs, u8 outputs, u16 params, u16 tile rows,
                 u16 buffer ids (inputs then outputs), i64 params (the op's schema below)
     symbols     inputs then outputs: u32 name, u32 buffer, f64 scale (0: not quantized)
@@ -21,9 +21,11 @@ Regions: ``input``, ``output``, ``const`` (a blob loaded into SRAM, or table mem
 run), ``stream`` (a blob that stays in external memory and streams in tiles at every run),
 ``sram`` (address in each core's SRAM, the tensor split across cores), ``external`` (address in
 external memory). Constant layouts:
-``raw`` (the array), ``dense`` (int8 weight ``[in, out]`` row-major; int4 packed two per byte,
-low nibble first), ``pencil8`` (u32 offsets per group of 8 outputs + 1, then per pencil a u16
-input index, then the pencils' 8 weights each; int4 packed).
+``raw`` (the array), ``dense`` and ``pencil`` (int8 / int4 weights in the storage formats of
+:mod:`femtocc.ir.formats`; a pencil buffer's ``block`` is its pencil height, the target's
+``facts.pencil``; 0 for the others).
+
+Version 2 added ``block`` (version 1 had a reserved 0 there and only 8-high pencils).
 
 Params: the op's integer attributes in :data:`ISA` order; a name ending in ``*`` is a list
 (length first); :data:`ABSENT` marks an attribute left at its default.
@@ -39,15 +41,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from femtocc.errors import FemtoccError
+from femtocc.ir.formats import FormatError, parse_format
 
 MAGIC = b"SPU\0"
-VERSION = 1
+VERSION = 2
 ABSENT = -(1 << 63)
 MAX_RANK = 6
-MAX_ELEMENTS = 1 << 28  # the largest tensor or constant a program may hold (SPU_MAX_ELEMENTS in spusim.h)
-PENCIL = 8
+MAX_ELEMENTS = 1 << 28  # the largest tensor or constant a program may hold
+MAX_BLOCK = 64  # the tallest pencil a program may declare
 
-# opcode -> (op name, integer attributes in order). The opcode is the position in this list.
+# opcode -> (op name, integer attributes in order). The opcode is the position in this list. An
+# attribute ending in ``?`` may be absent, one ending in ``*`` is a list (may be absent); the
+# others are required. runtime/spu_isa.h is generated from this table (runtime/isa_header.py).
 ISA: list[tuple[str, tuple[str, ...]]] = [
     ("qdense", ("shift", "bits")),
     ("qmatmul", ("mult", "shift", "bits")),
@@ -57,18 +62,18 @@ ISA: list[tuple[str, tuple[str, ...]]] = [
     ("qsoftmax", ("step_bits", "bits")),
     ("qlayer_norm", ("eps", "gamma_shift", "bits")),
     ("qgather", ("shift", "bits")),
-    ("im2col", ("kernel", "stride", "dilation", "pads*")),
+    ("im2col", ("kernel", "stride?", "dilation?", "pads*")),
     ("transpose", ("perm*",)),
-    ("reshape", ("allowzero",)),
+    ("reshape", ("allowzero?",)),
     ("concat", ("axis",)),
     ("slice", ()),
-    ("gather", ("axis",)),
-    ("gather_nd", ("batch_dims",)),
+    ("gather", ("axis?",)),
+    ("gather_nd", ("batch_dims?",)),
     ("squeeze", ()),
     ("unsqueeze", ()),
     ("expand", ()),
     ("where", ()),
-    ("shape", ("start", "end")),
+    ("shape", ("start?", "end?")),
     ("range", ()),
     ("add", ()),
     ("sub", ()),
@@ -83,7 +88,7 @@ DTYPES = ["i8", "i16", "i32", "i64", "bool", "u8"]
 NUMPY = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64, "bool": np.bool_, "u8": np.uint8}
 REGIONS = ["input", "output", "const", "sram", "external", "stream"]
 CONSTANT_REGIONS = ("const", "stream")
-LAYOUTS = ["raw", "dense", "pencil8"]
+LAYOUTS = ["raw", "dense", "pencil"]
 
 _HEADER = struct.Struct("<4sHH16s16s5IQIIQ")
 _BUFFER = struct.Struct("<IBBBB" + "iii" * MAX_RANK + "QQQII")
@@ -108,6 +113,7 @@ class Buffer:
     nbytes: int = 0
     layout: str = "raw"
     bits: int = 0
+    block: int = 0  # pencil layout: the pencil height
     blob: bytes = b""  # const only
     blob_offset: int = 0
 
@@ -166,7 +172,7 @@ class Program:
         for b in self.buffers:
             dims = [x for d in b.shape for x in d] + [0] * 3 * (MAX_RANK - len(b.shape))
             parts.append(_BUFFER.pack(sid(b.name), DTYPES.index(b.dtype), REGIONS.index(b.region), LAYOUTS.index(b.layout),
-                                      len(b.shape), *dims, b.address, b.nbytes, b.blob_offset, b.bits, 0))
+                                      len(b.shape), *dims, b.address, b.nbytes, b.blob_offset, b.bits, b.block))
         for ins in self.code:
             parts.append(_INSTR.pack(OPCODE[ins.op], len(ins.inputs), len(ins.outputs), len(ins.params), ins.tile_rows))
             parts.append(struct.pack(f"<{len(ins.inputs) + len(ins.outputs)}H", *ins.inputs, *ins.outputs))
@@ -211,9 +217,12 @@ class Program:
                                    f"rank {rank}; expected < {len(DTYPES)}, {len(REGIONS)}, {len(LAYOUTS)}, {MAX_RANK + 1}")
             dims = f[5 : 5 + 3 * MAX_RANK]
             shape = tuple(tuple(dims[3 * k : 3 * k + 3]) for k in range(rank))
-            address, nbytes, offset, bits = f[5 + 3 * MAX_RANK : 9 + 3 * MAX_RANK]
+            address, nbytes, offset, bits, block = f[5 + 3 * MAX_RANK : 10 + 3 * MAX_RANK]
+            if (LAYOUTS[layout] == "pencil") != (block != 0) or block > MAX_BLOCK:
+                raise ProgramError(f"{where}: buffer {i} ({name}) has block {block}; a pencil buffer needs its pencil "
+                                   f"height in 1..{MAX_BLOCK}, other layouts 0")
             buffers.append(Buffer(name, DTYPES[dtype], shape, REGIONS[region], address, nbytes, LAYOUTS[layout], bits,
-                                  blob_offset=offset))
+                                  block, blob_offset=offset))
         code = []
         for i in range(n_ins):
             opcode, n_i, n_o, n_p, tile = r.unpack(_INSTR, f"instruction {i}")
@@ -289,7 +298,7 @@ class Program:
                  f"{sum(len(b.blob) for b in self.buffers)} constant bytes", "", "memory map:"]
         for i, b in enumerate(self.buffers):
             where = {"sram": f"sram@{b.address:#x}", "external": f"ext@{b.address:#x}"}.get(b.region, b.region)
-            layout = f" {b.layout}/{b.bits}b" if b.region in CONSTANT_REGIONS else ""
+            layout = f" {b.layout}{b.block or ''}/{b.bits}b" if b.region in CONSTANT_REGIONS else ""
             lines.append(f"  b{i:<4} {where:<14} {b.dtype}[{', '.join(format_dim(d) for d in b.shape)}] "
                          f"{b.nbytes}B{layout}  {b.name}")
         lines.append("")
@@ -357,7 +366,7 @@ def solve_sizes(dims: list[tuple[str, Dim, int]]) -> dict[str, int]:
 def encode_params(op: str, attrs: dict) -> list[int]:
     out: list[int] = []
     for name in ISA[OPCODE[op]][1]:
-        key = name.rstrip("*")
+        key = name.rstrip("*?")
         if name.endswith("*"):
             items = [int(x) for x in attrs.get(key, [])]
             out += [len(items) if key in attrs else ABSENT, *items]
@@ -370,7 +379,7 @@ def decode_params(ins: Instruction, label: str) -> dict:
     attrs, pos, p = {}, 0, ins.params
     for name in ISA[OPCODE[ins.op]][1]:
         if pos >= len(p):
-            raise ProgramError(f"{label}: params end before {name.rstrip('*')}")
+            raise ProgramError(f"{label}: params end before {name.rstrip('*?')}")
         value = p[pos]
         pos += 1
         if name.endswith("*"):
@@ -381,7 +390,9 @@ def decode_params(ins: Instruction, label: str) -> dict:
             attrs[name[:-1]] = list(p[pos : pos + value])
             pos += value
         elif value != ABSENT:
-            attrs[name] = value
+            attrs[name.rstrip("?")] = value
+        elif not name.endswith("?"):
+            raise ProgramError(f"{label}: required attribute {name} is absent")
     if pos != len(p):
         raise ProgramError(f"{label}: {len(p) - pos} params left over")
     for key in ("shift", "step_bits", "gamma_shift"):
@@ -418,31 +429,15 @@ def float_io(run_ints, input_types: dict, output_scales: dict):
 # ----------------------------------------------------------------------------- constant layouts
 
 
-def _pack4(q: np.ndarray) -> bytes:
-    flat = (q.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, 0)
-    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+def storage_format(layout: str, block: int = 0):
+    """The :mod:`femtocc.ir.formats` format of a weight layout."""
+    return parse_format("dense" if layout == "dense" else f"pencil{block}")
 
 
-def _unpack4(raw: bytes, count: int) -> np.ndarray:
-    b = np.frombuffer(raw, np.uint8)
-    nib = np.stack([b & 0xF, b >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
-    return np.where(nib > 7, nib - 16, nib).astype(np.int8)
-
-
-def encode_constant(data: np.ndarray, layout: str, bits: int) -> bytes:
+def encode_constant(data: np.ndarray, layout: str, bits: int, block: int = 0) -> bytes:
     if layout == "raw":
         return np.ascontiguousarray(data).tobytes()
-    n_in, n_out = data.shape
-    if layout == "dense":
-        return _pack4(data) if bits == 4 else np.ascontiguousarray(data, np.int8).tobytes()
-    groups = data.reshape(n_in, n_out // PENCIL, PENCIL).transpose(1, 0, 2)  # [group, in, 8]
-    live = groups.any(axis=2)
-    offsets = np.concatenate([[0], np.cumsum(live.sum(axis=1))]).astype(np.uint32)
-    index = np.nonzero(live)[1].astype(np.uint16)  # group-major: inputs of group 0, then group 1, ...
-    words = groups[live]
-    return offsets.tobytes() + index.tobytes() + (_pack4(words) if bits == 4 else words.astype(np.int8).tobytes())
+    return storage_format(layout, block).encode(data, bits)
 
 
 def decode_constant(b: Buffer, where: str = "program") -> np.ndarray:
@@ -462,37 +457,8 @@ def decode_constant(b: Buffer, where: str = "program") -> np.ndarray:
             return np.frombuffer(raw, NUMPY[b.dtype]).reshape(shape)
         if b.dtype != "i8" or len(shape) != 2 or b.bits not in (4, 8):
             raise ProgramError(f"{where}: weight {b.name} in layout {b.layout} must be a 2-D i8 with bits 4 or 8")
-        n_in, n_out = shape
-        if b.layout == "dense":
-            need = (count + 1) // 2 if b.bits == 4 else count
-            if len(raw) != need:
-                raise ProgramError(f"{where}: weight {b.name} has {len(raw)} bytes, dense {b.bits}-bit {list(shape)} needs {need}")
-            q = _unpack4(raw, count) if b.bits == 4 else np.frombuffer(raw, np.int8)
-            return q.reshape(shape)
-        if n_out % PENCIL:
-            raise ProgramError(f"{where}: weight {b.name} has {n_out} outputs, not a multiple of the pencil {PENCIL}")
-        g = n_out // PENCIL
-        head = 4 * (g + 1)
-        if len(raw) < head:
-            raise ProgramError(f"{where}: pencil weight {b.name} truncated in its offsets")
-        offsets = np.frombuffer(raw[:head], np.uint32).astype(np.int64)
-        if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or np.any(np.diff(offsets) > n_in):
-            raise ProgramError(f"{where}: pencil weight {b.name} has offsets that are not non-decreasing counts <= {n_in}")
-        pencils = int(offsets[-1])
-        word_bytes = PENCIL // 2 if b.bits == 4 else PENCIL
-        need = head + 2 * pencils + pencils * word_bytes
-        if len(raw) != need:
-            raise ProgramError(f"{where}: pencil weight {b.name} has {len(raw)} bytes, {pencils} pencils need {need}")
-        index = np.frombuffer(raw[head : head + 2 * pencils], np.uint16).astype(np.int64)
-        if pencils and index.max() >= n_in:
-            raise ProgramError(f"{where}: pencil weight {b.name} has input index {index.max()} >= {n_in} inputs")
-        group = np.repeat(np.arange(g), np.diff(offsets))
-        if pencils > 1 and np.any((np.diff(index) <= 0) & (np.diff(group) == 0)):
-            raise ProgramError(f"{where}: pencil weight {b.name} has input indices that do not increase within a group")
-        body = raw[head + 2 * pencils :]
-        words = (_unpack4(body, pencils * PENCIL) if b.bits == 4 else np.frombuffer(body, np.int8)).reshape(pencils, PENCIL)
-        dense = np.zeros((g, n_in, PENCIL), np.int8)
-        dense[group, index] = words
-        return dense.transpose(1, 0, 2).reshape(n_in, n_out)
+        return storage_format(b.layout, b.block).decode(raw, shape[0], shape[1], b.bits, b.name)
+    except FormatError as e:
+        raise ProgramError(f"{where}: {e}") from None
     except ValueError as e:
         raise ProgramError(f"{where}: constant {b.name} cannot be decoded ({e})") from None

@@ -2,7 +2,7 @@
 
 It is the specification the C simulator must match bit for bit: each instruction runs the integer
 op's definition from :mod:`femtocc.ir.qops` / :mod:`femtocc.ir.ops` on operands decoded from the
-program (pencil8 weights are decoded from their compressed blobs). The program is validated when
+program (pencil weights are decoded from their compressed blobs). The program is validated when
 loaded (:meth:`Program.from_bytes`), and every run checks its inputs' dtypes and shapes, binds
 ``T`` and ``P`` from them, and checks each result against the shape the program declares.
 """

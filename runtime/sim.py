@@ -37,19 +37,13 @@ def extension():
 
 
 def sim_config(target) -> dict:
-    f, a, e = target.facts, target.assumptions, target.energy_pj
-    return {
-        "cores": f.cores, "mac_lanes_per_core": a.mac_lanes_per_core, "pencil": f.pencil,
-        "pencil_index_bits": a.pencil_index_bits, "pencil_decode_cycles": a.pencil_decode_cycles,
-        "bank_read_ports": a.bank_read_ports, "sram_banks_per_core": f.sram_banks_per_core,
-        "sram_bank_words": f.sram_bank_words, "table_lookup_cycles": a.table_lookup_cycles,
-        "external_bandwidth_bytes_per_cycle": a.external_bandwidth_bytes_per_cycle,
-        "external_latency_cycles": a.external_latency_cycles, "core_sync_cycles": a.core_sync_cycles,
-        "skip_zero_activations": int(a.skip_zero_activations), "threads_per_core": f.threads_per_core,
-        "clock_hz": f.clock_hz, "mac_int8": e.mac_int8, "mac_int16": e.mac_int16, "add_int32": e.add_int32,
-        "sram_read_64b": e.sram_read_64b, "sram_write_64b": e.sram_write_64b, "table_lookup": e.table_lookup,
-        "external_read_byte": e.external_read_byte,
-    }
+    """Every number of the target description, by key: exactly the keys the extension reads
+    (``SPU_CONFIG`` in runtime/spu_isa.h, generated from the same description classes)."""
+    from femtocc.runtime.isa_header import config_fields
+
+    sections = (target.facts, target.assumptions, target.energy_pj)
+    values = {k: v for s in sections for k, v in vars(s).items()}
+    return {key: (int(values[key]) if kind == "int" else float(values[key])) for key, kind in config_fields()}
 
 
 @dataclass

@@ -324,30 +324,40 @@ static int64_t dot16_avx2(const int16_t *a, const int16_t *b, int64_t K) { retur
 static int have_avx2(void) { return 0; }
 #endif
 
-/* pencil8 rows: acc[r][8g + j] += sum over the group's pencils q of X[r][index[q]] * words[q][j], for up to
-   ROWS rows at once (each pencil's 8 weights are loaded once per row block); int32 partial sums over
-   at most 256 pencils (|partial| < 2**30) are flushed into int64, so the result is exact */
+/* pencil rows: acc[r][H*g + j] += sum over the group's pencils q of X[r][index[q]] * words[q][j] (H the
+   pencil height), for up to ROWS rows at once (each pencil's H weights are loaded once per row block);
+   int32 partial sums over at most 256 pencils (|partial| < 2**30) are flushed into int64, so the result
+   is exact. Inlined with H a constant for the common heights, so their inner loops vectorise. */
 #define ROWS 8
-HOT static void pencil_rows(const int32_t *xt, const uint32_t *offsets, const uint16_t *index, const int8_t *words,
-                            int64_t groups, int64_t *acc, int64_t N) {
+static inline __attribute__((always_inline)) void pencil_rows_h(const int32_t *xt, const uint32_t *offsets,
+                                                                const uint16_t *index, const int8_t *words,
+                                                                int64_t groups, int64_t *acc, int64_t N, const int H) {
     /* xt: [K][ROWS] (a block of rows, input-major), acc: [ROWS][N] */
-    int32_t part[ROWS][8];
+    int32_t part[ROWS][SPU_MAX_BLOCK];
     for (int64_t g = 0; g < groups; g++) {
-        memset(part, 0, sizeof(part));
         uint32_t q0 = offsets[g], q1 = offsets[g + 1];
         for (uint32_t b0 = q0; b0 < q1; b0 += 256) {
             uint32_t b1 = b0 + 256 < q1 ? b0 + 256 : q1;
+            for (int r = 0; r < ROWS; r++)
+                for (int j = 0; j < H; j++) part[r][j] = 0;
             for (uint32_t q = b0; q < b1; q++) {
-                int32_t w[8];
-                for (int j = 0; j < 8; j++) w[j] = words[8 * (int64_t)q + j];
+                int32_t w[SPU_MAX_BLOCK];
+                for (int j = 0; j < H; j++) w[j] = words[H * (int64_t)q + j];
                 const int32_t *xv = xt + (int64_t)index[q] * ROWS;
                 for (int r = 0; r < ROWS; r++)
-                    for (int j = 0; j < 8; j++) part[r][j] += xv[r] * w[j];
+                    for (int j = 0; j < H; j++) part[r][j] += xv[r] * w[j];
             }
             for (int r = 0; r < ROWS; r++)
-                for (int j = 0; j < 8; j++) { acc[r * N + 8 * g + j] += part[r][j]; part[r][j] = 0; }
+                for (int j = 0; j < H; j++) acc[r * N + H * g + j] += part[r][j];
         }
     }
+}
+
+HOT static void pencil_rows(const int32_t *xt, const BufferDesc *w, int64_t *acc, int64_t N) {
+    const int H = (int)w->block;
+    if (H == 8) pencil_rows_h(xt, w->pencil_offsets, w->pencil_index, w->pencil_words, N / 8, acc, N, 8);
+    else if (H == 16) pencil_rows_h(xt, w->pencil_offsets, w->pencil_index, w->pencil_words, N / 16, acc, N, 16);
+    else pencil_rows_h(xt, w->pencil_offsets, w->pencil_index, w->pencil_words, N / H, acc, N, H);
 }
 
 typedef struct {
@@ -386,7 +396,7 @@ static void qdense_part(void *arg, int64_t b0, int64_t b1, int slot) {
             for (int64_t n = 0; n < N; n++) acc[r * N + n] = d->bias->values[n];
         }
         if (d->pencil)
-            pencil_rows(xr, d->w->pencil_offsets, d->w->pencil_index, d->w->pencil_words, N / 8, acc, N);
+            pencil_rows(xr, d->w, acc, N);
         else if (have_avx2() && d->w->weight_pairs)
             for (int64_t r = 0; r < R; r++) dense_row_pairs(xr + r * K, d->w->weight_pairs, K, N, acc + r * N, part);
         else
@@ -417,12 +427,12 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
     for (int64_t n = 0; n < N; n++)
         if (bias->values[n] > (INT64_C(1) << 50) || bias->values[n] < -(INT64_C(1) << 50))
             return spu_fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
-    int pencil = w->layout == LY_PENCIL8;
+    int pencil = w->layout == LY_PENCIL;
     double *uses = malloc(sizeof(double) * (size_t)(K + 1));
     if (!uses) return spu_fail(c->err, "out of memory");
     for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : (double)N;
     if (pencil)
-        for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += 8;
+        for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += (double)w->block;
     double total_per_row = 0;
     for (int64_t kk = 0; kk < K; kk++) total_per_row += uses[kk];
     DenseWork d = {.x = x, .out = out, .w = w, .bias = bias, .mult = mult, .ins = ins, .uses = uses, .pencil = pencil,
@@ -440,7 +450,7 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
     s->macs_skipped = all - s->macs;
     s->act_nonzero = nonzero;
     s->act_total = (double)x->numel;
-    s->lookups = pencil ? s->macs / 8 : 0; /* pencil index decodes */
+    s->lookups = pencil ? s->macs / (double)w->block : 0; /* pencil index decodes */
     return 0;
 }
 
@@ -984,7 +994,7 @@ static double bytes_of(const Tensor *t) { return (double)(t->numel * spu_dtype_s
 
 /* which SRAM bank a buffer starts in (bank-interleaved by address) */
 static int64_t bank_of(const Config *cfg, const BufferDesc *b) {
-    int64_t bank_bytes = cfg->sram_bank_words * 8;
+    int64_t bank_bytes = cfg->sram_bank_words * (cfg->sram_word_bits / 8);
     return bank_bytes ? (int64_t)(b->address / (uint64_t)bank_bytes) % (cfg->sram_banks_per_core ? cfg->sram_banks_per_core : 1) : 0;
 }
 
@@ -993,6 +1003,7 @@ static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) 
     const Program *p = c->p;
     double lanes = (double)(cfg->mac_lanes_per_core * cfg->cores);
     double cores = (double)cfg->cores;
+    double word_bytes = (double)(cfg->sram_word_bits >= 8 ? cfg->sram_word_bits / 8 : 1);
     double bank_words[64] = {0};
     int banks = (int)(cfg->sram_banks_per_core > 64 ? 64 : cfg->sram_banks_per_core);
     double ext = 0, transfers = 0;
@@ -1002,7 +1013,7 @@ static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) 
         const BufferDesc *b = &p->buffers[id];
         const Tensor *t = j < ins->n_in ? &c->env[id] : out;
         double bytes = (b->region == RG_CONST || b->region == RG_STREAM) ? (double)b->nbytes : bytes_of(t);
-        double words = ceil(bytes / 8.0);
+        double words = ceil(bytes / word_bytes);
         if (j < ins->n_in) s->sram_read_words += words; else s->sram_write_words += words;
         if (b->region == RG_STREAM || b->region == RG_EXTERNAL || b->region == RG_INPUT || b->region == RG_OUTPUT) {
             ext += bytes;
@@ -1039,11 +1050,11 @@ static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) 
     s->cycles = (busy > s->transfer_cycles ? busy : s->transfer_cycles) + (double)cfg->core_sync_cycles;
     int a16 = 1;
     if (ins->op == OP_QDENSE || ins->op == OP_QMATMUL) a16 = c->env[operand(ins, 0)].dtype == DT_I16;
-    s->energy_pj[0] = s->macs * (a16 ? cfg->e_mac_int16 : cfg->e_mac_int8);
-    s->energy_pj[1] = s->sram_read_words * cfg->e_sram_read_64b + s->sram_write_words * cfg->e_sram_write_64b;
-    s->energy_pj[2] = (ins->op == OP_QDENSE ? 0 : s->lookups) * cfg->e_table_lookup;
-    s->energy_pj[3] = ext * cfg->e_external_read_byte;
-    s->energy_pj[4] = s->elements * cfg->e_add_int32;
+    s->energy_pj[0] = s->macs * (a16 ? cfg->mac_int16 : cfg->mac_int8);
+    s->energy_pj[1] = s->sram_read_words * cfg->sram_read_64b + s->sram_write_words * cfg->sram_write_64b;
+    s->energy_pj[2] = (ins->op == OP_QDENSE ? 0 : s->lookups) * cfg->table_lookup;
+    s->energy_pj[3] = ext * cfg->external_read_byte;
+    s->energy_pj[4] = s->elements * cfg->add_int32;
 }
 
 /* ------------------------------------------------------------------------------------------ run */

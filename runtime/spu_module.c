@@ -51,38 +51,62 @@ static int get_num(PyObject *d, const char *key, double *out) {
     return 0;
 }
 
+/* the config dict holds exactly the keys of SPU_CONFIG (spu_isa.h): a missing or unknown key is an error */
 static int read_config(PyObject *d, Config *c) {
     if (!PyDict_Check(d)) {
         PyErr_SetString(PyExc_TypeError, "simulator config must be a dict");
         return -1;
     }
-    struct { const char *key; int64_t *dst; } ints[] = {
-        {"cores", &c->cores}, {"mac_lanes_per_core", &c->mac_lanes_per_core}, {"pencil", &c->pencil},
-        {"pencil_index_bits", &c->pencil_index_bits}, {"pencil_decode_cycles", &c->pencil_decode_cycles},
-        {"bank_read_ports", &c->bank_read_ports}, {"sram_banks_per_core", &c->sram_banks_per_core},
-        {"sram_bank_words", &c->sram_bank_words}, {"table_lookup_cycles", &c->table_lookup_cycles},
-        {"external_bandwidth_bytes_per_cycle", &c->external_bandwidth_bytes_per_cycle},
-        {"external_latency_cycles", &c->external_latency_cycles}, {"core_sync_cycles", &c->core_sync_cycles},
-        {"skip_zero_activations", &c->skip_zero_activations}, {"threads_per_core", &c->threads_per_core}};
-    for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++) {
-        double x;
-        if (get_num(d, ints[i].key, &x)) return -1;
-        if (x < 0 || x > 1e12) {
-            PyErr_Format(PyExc_ValueError, "simulator config: %s = %g out of range", ints[i].key, x);
-            return -1;
+    double x;
+#define READ_INT(key)                                                                                   \
+    if (get_num(d, #key, &x)) return -1;                                                                \
+    if (x < 0 || x > 1e12) {                                                                            \
+        PyErr_Format(PyExc_ValueError, "simulator config: %s = %g out of range", #key, x);               \
+        return -1;                                                                                      \
+    }                                                                                                   \
+    c->key = (int64_t)x;
+#define READ_REAL(key) \
+    if (get_num(d, #key, &x)) return -1; \
+    c->key = x;
+    SPU_CONFIG(READ_INT, READ_REAL)
+#undef READ_INT
+#undef READ_REAL
+    if (PyDict_Size(d) != SPU_CONFIG_KEYS) {
+        static const char *known[] = {
+#define NAME(key) #key,
+            SPU_CONFIG(NAME, NAME)
+#undef NAME
+        };
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(d, &pos, &key, &value)) {
+            const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+            int found = 0;
+            for (size_t i = 0; k && i < sizeof(known) / sizeof(known[0]); i++) found |= strcmp(k, known[i]) == 0;
+            if (!found) {
+                PyErr_Format(PyExc_ValueError, "simulator config: unknown key %R", key);
+                return -1;
+            }
         }
-        *ints[i].dst = (int64_t)x;
     }
-    if (c->cores < 1 || c->mac_lanes_per_core < 1) {
-        PyErr_SetString(PyExc_ValueError, "simulator config: cores and mac_lanes_per_core must be >= 1");
+    if (c->cores < 1 || c->mac_lanes_per_core < 1 || c->sram_word_bits < 8 || c->sram_word_bits % 8) {
+        PyErr_SetString(PyExc_ValueError,
+                        "simulator config: cores and mac_lanes_per_core must be >= 1, sram_word_bits a multiple of 8");
         return -1;
     }
-    struct { const char *key; double *dst; } reals[] = {
-        {"clock_hz", &c->clock_hz}, {"mac_int8", &c->e_mac_int8}, {"mac_int16", &c->e_mac_int16},
-        {"add_int32", &c->e_add_int32}, {"sram_read_64b", &c->e_sram_read_64b}, {"sram_write_64b", &c->e_sram_write_64b},
-        {"table_lookup", &c->e_table_lookup}, {"external_read_byte", &c->e_external_read_byte}};
-    for (size_t i = 0; i < sizeof(reals) / sizeof(reals[0]); i++)
-        if (get_num(d, reals[i].key, reals[i].dst)) return -1;
+    return 0;
+}
+
+/* a program runs only on the target it was compiled for: its cores, SRAM and pencil height */
+static int check_target(const Program *p, const Config *c, char *err) {
+    int64_t sram = c->sram_banks_per_core * c->sram_bank_words * (c->sram_word_bits / 8);
+    if ((int64_t)p->cores != c->cores || (int64_t)p->sram_bytes_per_core != sram)
+        return spu_fail(err, "program: compiled for %u cores with %u bytes of SRAM each; this target has %lld with %lld (cores, sram_*)",
+                        p->cores, p->sram_bytes_per_core, (long long)c->cores, (long long)sram);
+    for (uint32_t i = 0; i < p->n_buffers; i++)
+        if (p->buffers[i].layout == LY_PENCIL && (int64_t)p->buffers[i].block != c->pencil)
+            return spu_fail(err, "program: weight %s is stored in pencils of %u; this target reads pencils of %lld (pencil)",
+                            p->buffers[i].name, p->buffers[i].block, (long long)c->pencil);
     return 0;
 }
 
@@ -106,6 +130,11 @@ static int sim_init(SimObject *self, PyObject *args, PyObject *kwds) {
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&buf);
     if (rc) {
+        set_error(err);
+        return -1;
+    }
+    if (check_target(&self->prog, &self->cfg, err)) {
+        spu_free(&self->prog);
         set_error(err);
         return -1;
     }

@@ -1,4 +1,4 @@
-/* Parsing and full validation of .spu programs (format version 1, see femtocc/runtime/program.py).
+/* Parsing and full validation of .spu programs (the format of femtocc/runtime/program.py).
  *
  * Every read is bounds-checked; every count, index, address, size and blob is checked before the
  * program can run. Errors are reported as one message naming the part of the file.
@@ -11,44 +11,17 @@
 #include "spusim.h"
 
 #define ABSENT INT64_MIN
-#define HEADER_SIZE 84
-#define BUFFER_SIZE 112
-#define INSTR_SIZE 8
-#define SYMBOL_SIZE 16
+#define HEADER_SIZE SPU_HEADER_SIZE
+#define BUFFER_SIZE SPU_BUFFER_SIZE
+#define INSTR_SIZE SPU_INSTR_SIZE
+#define SYMBOL_SIZE SPU_SYMBOL_SIZE
 
 /* per opcode: scalar attribute count, whether a list follows, which scalars are required (bit mask),
    min and max inputs (as stored in the program) */
 typedef struct { const char *name; int scalars, list, required, min_in, max_in; } OpSpec;
 
-static const OpSpec OPS[OP_COUNT] = {
-    [OP_QDENSE] = {"qdense", 2, 0, 0x3, 4, 4},
-    [OP_QMATMUL] = {"qmatmul", 3, 0, 0x7, 2, 2},
-    [OP_QADD] = {"qadd", 4, 0, 0xf, 2, 2},
-    [OP_REQUANTIZE] = {"requantize", 3, 0, 0x7, 1, 1},
-    [OP_QGELU] = {"qgelu", 2, 0, 0x3, 2, 2},
-    [OP_QSOFTMAX] = {"qsoftmax", 2, 0, 0x3, 2, 2},
-    [OP_QLAYER_NORM] = {"qlayer_norm", 3, 0, 0x7, 3, 3},
-    [OP_QGATHER] = {"qgather", 2, 0, 0x3, 3, 3},
-    [OP_IM2COL] = {"im2col", 3, 1, 0x1, 1, 1},
-    [OP_TRANSPOSE] = {"transpose", 0, 1, 0, 1, 1},
-    [OP_RESHAPE] = {"reshape", 1, 0, 0, 2, 2},
-    [OP_CONCAT] = {"concat", 1, 0, 0x1, 1, 64},
-    [OP_SLICE] = {"slice", 0, 0, 0, 3, 5},
-    [OP_GATHER] = {"gather", 1, 0, 0, 2, 2},
-    [OP_GATHER_ND] = {"gather_nd", 1, 0, 0, 2, 2},
-    [OP_SQUEEZE] = {"squeeze", 0, 0, 0, 1, 2},
-    [OP_UNSQUEEZE] = {"unsqueeze", 0, 0, 0, 2, 2},
-    [OP_EXPAND] = {"expand", 0, 0, 0, 2, 2},
-    [OP_WHERE] = {"where", 0, 0, 0, 3, 3},
-    [OP_SHAPE] = {"shape", 2, 0, 0, 1, 1},
-    [OP_RANGE] = {"range", 0, 0, 0, 3, 3},
-    [OP_ADD] = {"add", 0, 0, 0, 2, 2},
-    [OP_SUB] = {"sub", 0, 0, 0, 2, 2},
-    [OP_GREATER] = {"greater", 0, 0, 0, 2, 2},
-    [OP_LESS] = {"less", 0, 0, 0, 2, 2},
-    [OP_EQUAL] = {"equal", 0, 0, 0, 2, 2},
-    [OP_IDENTITY] = {"identity", 0, 0, 0, 1, 1},
-};
+#define SPU_OP_SPEC(op, name, scalars, list, required, min_in, max_in) [op] = {name, scalars, list, required, min_in, max_in},
+static const OpSpec OPS[OP_COUNT] = {SPU_OPS(SPU_OP_SPEC)};
 
 const char *spu_op_name(int op) { return (op >= 0 && op < OP_COUNT) ? OPS[op].name : "?"; }
 
@@ -209,8 +182,10 @@ static int decode_values(BufferDesc *b, uint32_t index, char *err) {
         }
         return 0;
     }
-    if (n_out % 8) return spu_fail(err, "weight %s has %lld outputs, not a multiple of the pencil 8", b->name, (long long)n_out);
-    int64_t groups = n_out / 8;
+    const int64_t h = b->block;
+    if (h < 1 || n_out % h)
+        return spu_fail(err, "weight %s has %lld outputs, not a multiple of the pencil %lld", b->name, (long long)n_out, (long long)h);
+    int64_t groups = n_out / h;
     uint64_t head = 4 * (uint64_t)(groups + 1);
     if (n < head) return spu_fail(err, "pencil weight %s truncated in its offsets", b->name);
     uint32_t first = rd32(raw);
@@ -221,15 +196,15 @@ static int decode_values(BufferDesc *b, uint32_t index, char *err) {
             return spu_fail(err, "pencil weight %s has offsets that are not non-decreasing counts <= %lld", b->name, (long long)n_in);
     }
     int64_t pencils = rd32(raw + 4 * groups);
-    uint64_t word = four ? 4 : 8;
-    uint64_t need = head + 2 * (uint64_t)pencils + (uint64_t)pencils * word;
+    uint64_t body = four ? ((uint64_t)pencils * (uint64_t)h + 1) / 2 : (uint64_t)pencils * (uint64_t)h;
+    uint64_t need = head + 2 * (uint64_t)pencils + body;
     if (n != need)
         return spu_fail(err, "pencil weight %s has %llu bytes, %lld pencils need %llu", b->name, (unsigned long long)n,
                     (long long)pencils, (unsigned long long)need);
     if (alloc_values(b, index, err)) return -1;
     b->pencils = pencils;
     b->pencil_index = malloc(sizeof(uint16_t) * (size_t)(pencils ? pencils : 1) + sizeof(uint32_t) * (size_t)(groups + 1));
-    b->pencil_words = malloc((size_t)(pencils ? pencils : 1) * 8);
+    b->pencil_words = malloc((size_t)(pencils ? pencils : 1) * (size_t)h);
     if (!b->pencil_index || !b->pencil_words) return spu_fail(err, "weight %s: out of memory", b->name);
     uint32_t *offsets = (uint32_t *)(b->pencil_index + pencils);
     for (int64_t g = 0; g <= groups; g++) offsets[g] = rd32(raw + 4 * g);
@@ -243,17 +218,17 @@ static int decode_values(BufferDesc *b, uint32_t index, char *err) {
             if (q > offsets[g] && k <= b->pencil_index[q - 1])
                 return spu_fail(err, "pencil weight %s has input indices that do not increase within a group", b->name);
             b->pencil_index[q] = k;
-            for (int j = 0; j < 8; j++) {
+            for (int64_t j = 0; j < h; j++) {
                 int v;
+                uint64_t e = (uint64_t)q * (uint64_t)h + (uint64_t)j;
                 if (four) {
-                    uint64_t e = (uint64_t)q * 8 + j;
                     v = (words[e / 2] >> ((e & 1) * 4)) & 0xF;
                     v = v > 7 ? v - 16 : v;
                 } else {
-                    v = (int8_t)words[(uint64_t)q * 8 + j];
+                    v = (int8_t)words[e];
                 }
-                b->pencil_words[(uint64_t)q * 8 + j] = (int8_t)v;
-                b->values[k * n_out + g * 8 + j] = v;
+                b->pencil_words[e] = (int8_t)v;
+                b->values[k * n_out + g * h + j] = v;
             }
         }
     }
@@ -338,7 +313,10 @@ int spu_parse(Program *p, const uint8_t *bytes, size_t size, char *err) {
     const uint8_t *h;
     if (take(&c, HEADER_SIZE, "header", &h)) goto bad;
     if (memcmp(h, "SPU\0", 4) != 0) { spu_fail(err, "program: not a .spu program (bad magic)"); goto bad; }
-    if (rd16(h + 4) != 1) { spu_fail(err, "program: format version %u, this simulator reads version 1", rd16(h + 4)); goto bad; }
+    if (rd16(h + 4) != SPU_VERSION) {
+        spu_fail(err, "program: format version %u, this simulator reads version %d", rd16(h + 4), SPU_VERSION);
+        goto bad;
+    }
     memcpy(p->target, h + 8, 16);
     memcpy(p->graph, h + 24, 16);
     p->n_strings = rd32(h + 40);
@@ -395,6 +373,12 @@ int spu_parse(Program *p, const uint8_t *bytes, size_t size, char *err) {
         b->nbytes = rd64(q + 88);
         b->blob_offset = rd64(q + 96);
         b->bits = rd32(q + 104);
+        b->block = rd32(q + 108);
+        if ((b->layout == LY_PENCIL) != (b->block != 0) || b->block > SPU_MAX_BLOCK) {
+            spu_fail(err, "program: buffer %u (%s) has block %u; a pencil buffer needs its pencil height in 1..%d, other layouts 0",
+                     i, b->name, b->block, SPU_MAX_BLOCK);
+            goto bad;
+        }
     }
     for (uint32_t k = 0; k < p->n_code; k++) {
         const uint8_t *q;

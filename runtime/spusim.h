@@ -1,6 +1,6 @@
 /* spu001 cycle simulator: shared types.
  *
- * The simulator reads the .spu format of femtocc/runtime/program.py (version 1), validates it
+ * The simulator reads the .spu format of femtocc/runtime/program.py, validates it
  * completely, runs it with the integer semantics of femtocc/ir/qops.py (bit-exact with the
  * reference runtime), and counts cycles, MACs, SRAM and external traffic, and energy with the
  * timing model of docs/spu001.md, every parameter taken from the target description.
@@ -11,22 +11,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SPU_MAX_RANK 6
+#include "spu_isa.h" /* format, ISA and target keys, generated from the Python sources */
+
 #define SPU_ERR_LEN 512
-#define SPU_MAX_ELEMENTS (INT64_C(1) << 28) /* largest tensor or constant: bounds memory and time on hostile programs */
 #define SPU_MAX_BANKS 16 /* statistics per bank for up to this many banks (the rest fold into the last) */
-
-enum { DT_I8, DT_I16, DT_I32, DT_I64, DT_BOOL, DT_U8, DT_COUNT };
-enum { RG_INPUT, RG_OUTPUT, RG_CONST, RG_SRAM, RG_EXTERNAL, RG_STREAM, RG_COUNT };
-enum { LY_RAW, LY_DENSE, LY_PENCIL8, LY_COUNT };
-
-/* opcodes: the order of ISA in femtocc/runtime/program.py */
-enum {
-    OP_QDENSE, OP_QMATMUL, OP_QADD, OP_REQUANTIZE, OP_QGELU, OP_QSOFTMAX, OP_QLAYER_NORM, OP_QGATHER,
-    OP_IM2COL, OP_TRANSPOSE, OP_RESHAPE, OP_CONCAT, OP_SLICE, OP_GATHER, OP_GATHER_ND, OP_SQUEEZE,
-    OP_UNSQUEEZE, OP_EXPAND, OP_WHERE, OP_SHAPE, OP_RANGE, OP_ADD, OP_SUB, OP_GREATER, OP_LESS,
-    OP_EQUAL, OP_IDENTITY, OP_COUNT
-};
 
 typedef struct { int32_t c, t, p; } Dim;
 
@@ -35,16 +23,16 @@ typedef struct {
     int dtype, region, layout, rank;
     Dim dims[SPU_MAX_RANK];
     uint64_t address, nbytes, blob_offset;
-    uint32_t bits;
+    uint32_t bits, block; /* block: a pencil buffer's pencil height */
     const uint8_t *blob;       /* constants: their bytes inside the program */
-    /* decoded constant (any layout): int64 copy of the values; pencil8 also keeps its structure */
+    /* decoded constant (any layout): int64 copy of the values; pencil also keeps its structure */
     int64_t *values;
     void *native;   /* the same values in the buffer's dtype, row-major: what a run reads as a tensor */
     int64_t numel;
     int64_t shape[SPU_MAX_RANK];
-    const uint32_t *pencil_offsets; /* pencil8: [groups + 1] */
-    uint16_t *pencil_index;         /* pencil8: input index per pencil */
-    int8_t *pencil_words;           /* pencil8: 8 weights per pencil (int4 unpacked) */
+    const uint32_t *pencil_offsets; /* pencil: [groups + 1] */
+    uint16_t *pencil_index;         /* pencil: input index per pencil */
+    int8_t *pencil_words;           /* pencil: block weights per pencil (int4 unpacked) */
     int16_t *weight_pairs;          /* dense weights [K][N]: [ceil(K/2)][N][2], rows 2p and 2p+1 side by side */
     int64_t pencils;
 } BufferDesc;
@@ -75,14 +63,10 @@ typedef struct {
     Symbol *symbols;    /* inputs then outputs */
 } Program;
 
-typedef struct {
-    int64_t cores, mac_lanes_per_core, pencil, pencil_index_bits, pencil_decode_cycles, bank_read_ports,
-        sram_banks_per_core, sram_bank_words, table_lookup_cycles, external_bandwidth_bytes_per_cycle,
-        external_latency_cycles, core_sync_cycles, skip_zero_activations, threads_per_core;
-    double clock_hz;
-    double e_mac_int8, e_mac_int16, e_add_int32, e_sram_read_64b, e_sram_write_64b, e_table_lookup,
-        e_external_read_byte;
-} Config;
+/* every number of the target description, named as there (spu_isa.h) */
+#define SPU_INT_FIELD(key) int64_t key;
+#define SPU_REAL_FIELD(key) double key;
+typedef struct { SPU_CONFIG(SPU_INT_FIELD, SPU_REAL_FIELD) } Config;
 
 typedef struct {
     int dtype, rank;

@@ -165,3 +165,27 @@ def test_run_with_two_workers_gives_what_one_worker_gives(build_w8a16, dev_utts,
         result["report"].pop("seconds")
         results.append((result["utterances"], result["report"]))
     assert results[0] == results[1]
+
+
+def test_a_second_chip_variant_compiles_tiny_and_runs_bit_exact(tiny, dev_utts, dev_data, tmp_path, capsys):
+    """targets/spu001/variants/pencil16-4core.toml (16-high pencils, 4 cores, 2 MiB SRAM): tiny.en
+    compiles for it with no code change, pruned in its native pencil16, and the reference runtime and
+    the simulator decode the same tokens."""
+    from femtocc.targets.spu001 import DEFAULT
+
+    variant = DEFAULT.parent / "variants" / "pencil16-4core.toml"
+    out = tmp_path / "p16"
+    assert main(["compile", "whisper-tiny.en", "--target-file", str(variant), "--method", "obs", "--sparsity", "0.5",
+                 "--calib", str(dev_data), "--calib-limit", "2", "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "spu001-p16x4" and report["pruning"]["config"]["pattern"] == "pencil16"
+    assert {r["format"] for r in report["layers"]} == {"dense", "pencil16"}
+    assert report["weight_bytes_vs_sparsity"]["sram_bytes"] == 2 << 20
+    data = str(dev_utts[0].audio_path.parent)
+    tokens = {}
+    for runtime in ("reference", "sim"):
+        path = tmp_path / f"{runtime}.json"
+        assert main(["run", str(out), "--runtime", runtime, "--data", data, "--limit", "2", "--json", str(path), "--quiet"]) == 0
+        tokens[runtime] = [u["tokens"] for u in json.loads(path.read_text())["utterances"]]
+    assert tokens["reference"] == tokens["sim"] and all(tokens["sim"])
+    assert "pencil16 layers" in capsys.readouterr().out

@@ -78,3 +78,68 @@ def test_parse_errors_name_the_place(text, message):
 def test_load_missing_file(tmp_path):
     with pytest.raises(FemtoccError, match="no such IR file"):
         load(tmp_path / "nope.fir")
+
+
+def embedding_conv_graph() -> Graph:
+    """A token embedding, a convolution and a scaling, quantized: qgather, im2col, qdense, requantize."""
+    from femtocc.passes import PassManager, pipeline
+    from femtocc.passes.calibrate import RangeRecorder, attach_ranges
+
+    rng = np.random.default_rng(3)
+    g = Graph("embed_conv")
+    ids = g.add_input("ids", TensorType("i64", (1, "T")))
+    x = g.add_input("x", TensorType("f32", (1, 4, 10)))
+    table = g.add_constant("table", rng.standard_normal((50, 8)).astype(np.float32))
+    e = g.make_node("gather", [table, ids], [TensorType("f32", (1, "T", 8))], {"axis": 0}).outputs[0]
+    half = g.make_node("mul", [e, g.add_constant("half", np.float32(0.5))], [TensorType("f32", (1, "T", 8))]).outputs[0]
+    c = g.make_node("conv", [x, g.add_constant("w", rng.standard_normal((8, 4, 3)).astype(np.float32)),
+                             g.add_constant("b", rng.standard_normal(8).astype(np.float32))],
+                    [TensorType("f32", (1, 8, 10))], {"pads": [1, 1], "strides": [1], "dilations": [1], "group": 1}).outputs[0]
+    g.outputs = [half, c]
+    PassManager.parse(pipeline("lowered")).run(g)
+    recorder = RangeRecorder()
+    recorder.runner(g)({"ids": np.array([[3, 7, 7]], np.int64), "x": rng.standard_normal((1, 4, 10)).astype(np.float32)})
+    attach_ranges({"g": g}, recorder.ranges)
+    PassManager.parse(pipeline("spu001", tokens=3)).run(g)
+    return g
+
+
+def test_every_op_round_trips_through_text(tmp_path):
+    """print -> parse -> print is the identity for every op of the vocabulary: the float ops on the
+    single-node graphs of tests/test_ops.py (which round-trip there), the integer ops here."""
+    from test_ops import CASES
+    from test_program import block
+
+    from femtocc.ir.ops import OPS
+
+    graphs = [block(tmp_path)[0], block(tmp_path, weight_bits=4, act_bits=8)[0], embedding_conv_graph()]
+    for g in graphs:
+        verify(g)
+        text = print_graph(g)
+        again = parse_graph(text, g.weights())
+        verify(again)
+        assert print_graph(again) == text
+    covered = {c[0] for c in CASES} | {n.op for g in graphs for n in g.nodes}
+    assert covered == set(OPS), sorted(set(OPS) - covered)
+    assert "<pencil8>" in print_graph(graphs[0])  # a storage encoding on a type
+
+
+@pytest.mark.parametrize("text, message", [
+    ("graph @g() {\n  %w = const i8[2, 8]<pencil5>\n  return %w\n}", "pencil5"),
+    ("graph @g() {\n  %w = const i8[2, 8]<blocky>\n  return %w\n}", "unknown storage format 'blocky'"),
+])
+def test_bad_encodings_are_refused(text, message):
+    with pytest.raises(FemtoccError, match=message):
+        verify(parse_graph(text, {"w": np.ones((2, 8), np.int8)}))
+
+
+def test_the_verifier_checks_an_encoding_against_the_data():
+    g = Graph("g")
+    w = g.add_constant("w", np.ones((8, 4), np.int8))
+    g.outputs = [w]
+    w.type = w.type.with_encoding("2:4")  # every input of every output is nonzero: 4 of 4, not 2
+    with pytest.raises(FemtoccError, match="data does not fit its storage encoding <2:4>"):
+        verify(g)
+    w.data = np.tile(np.array([[1], [0], [2], [0]], np.int8), (2, 4))
+    verify(g)
+    assert "i8[8, 4]<2:4>" in print_graph(g)

@@ -62,3 +62,16 @@ def test_interpreter_runs_and_checks_inputs():
         Interpreter(g).run({"x": np.ones((5, 4), np.float32)})
     with pytest.raises(FemtoccError, match="input %x was not given"):
         Interpreter(g).run({})
+
+
+def test_quantized_constants_are_checked_against_their_bit_width():
+    g = Graph("g")
+    w = g.add_constant("w", np.array([[7, -8], [3, 9]], np.int8), attrs={"quant": {"bits": 4, "axis": 1}})
+    g.outputs = [w]
+    with pytest.raises(VerifyError, match=r"constant %w: values in \[-8, 9\] do not fit 4-bit quantization"):
+        verify(g)
+    w.data[1, 1] = 0
+    verify(g)
+    w.attrs["quant"]["bits"] = 16
+    with pytest.raises(VerifyError, match="needs bits 4 or 8"):
+        verify(g)

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 
 from femtocc.frontend.onnx_ir import export_onnx
-from femtocc.ir import Graph, Interpreter, TensorType, infer_shapes, verify
+from femtocc.ir import Graph, Interpreter, TensorType, infer_shapes, parse_graph, print_graph, verify
 
 rng = np.random.default_rng(0)
 
@@ -26,6 +26,11 @@ CASES = [
     ("tanh", [f32(5)], {}),
     ("erf", [f32(7, 3)], {}),
     ("greater", [f32(2, 3), f32(3)], {}),
+    ("greater_or_equal", [f32(2, 3), f32(3)], {}),
+    ("less", [f32(2, 3), f32(2, 1)], {}),
+    ("equal", [np.arange(6).reshape(2, 3), np.array([1, 4, 5])], {}),
+    ("identity", [f32(2, 3)], {}),
+    ("reciprocal", [np.abs(f32(4)) + 0.5], {}),
     ("less_or_equal", [np.arange(6).reshape(1, 6), np.arange(3).reshape(3, 1)], {}),
     ("where", [f32(3, 4) > 0, f32(3, 4), np.float32(-np.inf)], {}),
     ("cast", [np.arange(5, dtype=np.int64)], {"to": "f32"}),
@@ -59,13 +64,15 @@ def test_op_matches_onnxruntime(op, arrays, attrs):
     node = g.make_node(op, ins, [TensorType("f32", ())], attrs=attrs)
     # shape-carrying inputs become constants so the type rule can read them
     for i, a in enumerate(arrays):
-        if np.asarray(a).dtype == np.int64 and op not in ("cast", "gather", "gather_nd", "less_or_equal", "shape"):
+        if np.asarray(a).dtype == np.int64 and op not in ("cast", "gather", "gather_nd", "less_or_equal", "equal", "shape"):
             c = g.add_constant(f"c{i}", np.asarray(a))
             node.set_input(i, c)
     g.inputs = [v for v in g.inputs if v.users]
     infer_shapes(g)
     g.outputs = [node.outputs[0]]
     verify(g)
+    text = print_graph(g)  # the text form round-trips
+    assert print_graph(parse_graph(text, g.weights())) == text
     feeds = {v.name: np.asarray(arrays[int(v.name[2:])]) for v in g.inputs}
     ours = Interpreter(g).run(feeds)[node.outputs[0].name]
     sess = ort.InferenceSession(export_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])

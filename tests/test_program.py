@@ -1,6 +1,5 @@
 """The .spu program: codegen, round trip, disassembly, determinism, corruption, reference runtime."""
 
-import json
 import struct
 import zlib
 
@@ -9,19 +8,20 @@ import pytest
 
 from femtocc.errors import FemtoccError
 from femtocc.ir import Graph, Interpreter, TensorType
-from femtocc.passes import PassManager
-from femtocc.passes.calibrate import RangeRecorder
+from femtocc.passes import PassManager, pipeline
+from femtocc.passes.calibrate import RangeRecorder, attach_ranges
 from femtocc.runtime.program import Buffer, Program, ProgramError, decode_constant, encode_constant
 from femtocc.runtime.reference import ReferenceRuntime
-from femtocc.targets.spu001 import load
+from femtocc.targets.spu001 import DEFAULT, load
 from femtocc.targets.spu001.codegen import generate
 
 rng = np.random.default_rng(7)
 
 
-def block(tmp_path, weight_bits=8, act_bits=16):
-    """layer_norm -> dense (pencil-pruned) -> gelu -> dense, plus a self-attention over rows: quantized,
-    laid out and tiled. Returns (graph, float feeds); the same every call."""
+def block(tmp_path, weight_bits=8, act_bits=16, pencil=8, target=""):
+    """layer_norm -> dense (pruned in pencils of ``pencil``) -> gelu -> dense, plus a self-attention over
+    rows: quantized, laid out and tiled for ``target`` (a description file; empty: spu001). Returns
+    (graph, float feeds); the same every call."""
     rng = np.random.default_rng(7)
     g = Graph("block")
     x = g.add_input("x", TensorType("f32", (1, "T", 32)))
@@ -30,7 +30,7 @@ def block(tmp_path, weight_bits=8, act_bits=16):
                                     g.add_constant("beta", rng.standard_normal(32).astype(np.float32))],
                      [f32(1, "T", 32)], {"axis": -1, "epsilon": 1e-5}).outputs[0]
     w1 = rng.standard_normal((32, 64)).astype(np.float32)
-    w1.reshape(32, 8, 8)[rng.random((32, 8)) < 0.7] = 0  # 70 % of pencils zero: pencil8 wins
+    w1.reshape(32, 64 // pencil, pencil)[rng.random((32, 64 // pencil)) < 0.7] = 0  # 70 % of pencils zero: pencils win
     h = g.make_node("dense", [ln, g.add_constant("w1", w1), g.add_constant("b1", rng.standard_normal(64).astype(np.float32))],
                     [f32(1, "T", 64)], meta={"scope": "fc1"}).outputs[0]
     h = g.make_node("gelu", [h], [f32(1, "T", 64)]).outputs[0]
@@ -45,22 +45,21 @@ def block(tmp_path, weight_bits=8, act_bits=16):
     feeds = {"x": rng.standard_normal((1, 6, 32)).astype(np.float32)}
     recorder = RangeRecorder()
     recorder.runner(g)(feeds)
-    (tmp_path / "r.json").write_text(json.dumps(recorder.ranges))
-    PassManager.parse(f"quantize{{ranges={tmp_path / 'r.json'},weight-bits={weight_bits},act-bits={act_bits}}},"
-                      f"select-layout,tile-sram{{tokens=6,act-bytes={act_bits // 8}}}").run(g)
+    attach_ranges({"block": g}, recorder.ranges)
+    PassManager.parse(pipeline("spu001", target=target, weight_bits=weight_bits, act_bits=act_bits, tokens=6)).run(g)
     return g, feeds
 
 
 def compiled(tmp_path, **kw):
     g, feeds = block(tmp_path, **kw)
-    return g, feeds, generate(g, load()).to_bytes()
+    return g, feeds, generate(g, load(kw.get("target") or DEFAULT)).to_bytes()
 
 
 @pytest.mark.parametrize("weight_bits, act_bits", [(8, 16), (4, 8)])
 def test_reference_runtime_matches_the_integer_ir(tmp_path, weight_bits, act_bits):
     g, feeds, data = compiled(tmp_path, weight_bits=weight_bits, act_bits=act_bits)
     prog = Program.from_bytes(data)
-    assert [b.layout for b in prog.buffers if b.name == "w1.q"] == ["pencil8"]
+    assert [(b.layout, b.block) for b in prog.buffers if b.name == "w1.q"] == [("pencil", 8)]
     assert any(i.tile_rows for i in prog.code if i.op == "qsoftmax")  # the attention chain was row-tiled
     runner = ReferenceRuntime(prog).runner()
     expected = Interpreter(g).run(feeds)["out"]
@@ -132,12 +131,13 @@ def test_runtime_checks_inputs(tmp_path):
 def test_weight_layouts_round_trip(bits):
     q = rng.integers(-7 if bits == 4 else -127, 8 if bits == 4 else 128, (40, 24)).astype(np.int8)
     q.reshape(40, 3, 8)[rng.random((40, 3)) < 0.6] = 0
-    for layout in ("dense", "pencil8"):
-        blob = encode_constant(q, layout, bits)
-        b = Buffer("w", "i8", ((40, 0, 0), (24, 0, 0)), "const", nbytes=len(blob), layout=layout, bits=bits, blob=blob)
+    for layout, block in (("dense", 0), ("pencil", 8), ("pencil", 4), ("pencil", 24)):
+        blob = encode_constant(q, layout, bits, block)
+        b = Buffer("w", "i8", ((40, 0, 0), (24, 0, 0)), "const", nbytes=len(blob), layout=layout, bits=bits, block=block,
+                   blob=blob)
         assert np.array_equal(decode_constant(b), q)
     pencils = int(q.reshape(40, 3, 8).any(axis=2).sum())
-    assert len(encode_constant(q, "pencil8", bits)) == 4 * 4 + pencils * (2 + 8 * bits // 8)
+    assert len(encode_constant(q, "pencil", bits, 8)) == 4 * 4 + pencils * (2 + 8 * bits // 8)
 
 
 def test_codegen_rejects_float_graphs():

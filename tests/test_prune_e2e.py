@@ -37,7 +37,7 @@ def test_prune_writes_a_loadable_model_with_report(pruned_dir):
 
 
 def test_pruned_model_in_ir_carries_encodings(pruned_dir):
-    from femtocc.decode import make_backend
+    from femtocc.backends import make_backend
     from femtocc.frontend.onnx_export import export_whisper, load_onnx
     from femtocc.frontend.onnx_ir import import_onnx
     from femtocc.frontend.whisper import load_whisper
@@ -69,7 +69,8 @@ def test_pruned_model_evaluates_identically_in_two_backends(pruned_dir, dev_data
 
 def test_prune_cli_errors(capsys, dev_data, tmp_path):
     for argv, message in [
-        (["--pattern", "pencil5"], "unknown sparsity pattern 'pencil5'"),
+        (["--pattern", "block"], "unknown sparsity pattern 'block'"),
+        (["--pattern", "pencil5"], "layer encoder.conv1: 384 output channels is not a multiple of the pencil height 5"),
         (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
         (["--layers", "nothing-matches-this"], "matches no prunable layer"),
         (["--pattern", "2:4", "--allocation", "global"], "global allocation has nothing to allocate"),

@@ -7,7 +7,7 @@ from femtocc.errors import FemtoccError
 from femtocc.ir import Graph, TensorType
 from femtocc.passes import PassManager
 from femtocc.passes.obs import magnitude_mask, obs_prune, relative_error
-from femtocc.passes.sparsity import describe, mask_follows, parse_pattern
+from femtocc.passes.sparsity import Pattern, describe, mask_follows, parse_pattern
 
 rng = np.random.default_rng(7)
 
@@ -140,7 +140,8 @@ def test_global_magnitude_threshold():
 def test_pattern_parsing():
     assert parse_pattern("2:4").fixed_sparsity == 0.5
     assert parse_pattern("pencil8").name == "pencil8"
-    for bad in ("pencil4", "4:2", "block", "0:4"):
+    assert parse_pattern("pencil16") == Pattern("pencil", m=16)  # another target's pencil height
+    for bad in ("pencil0", "4:2", "block", "0:4"):
         with pytest.raises(FemtoccError, match="unknown sparsity pattern"):
             parse_pattern(bad)
 

@@ -6,7 +6,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_all_backends_give_the_same_193_transcripts(tiny, dev_utts):
-    from femtocc.decode import BACKENDS, make_backend, transcribe
+    from femtocc.backends import BACKENDS, make_backend
+    from femtocc.decode import transcribe
 
     texts = {b: [t.hypothesis for t in transcribe(tiny, make_backend(tiny, b), dev_utts)] for b in BACKENDS}
     assert len(texts["torch"]) == 193
@@ -14,7 +15,8 @@ def test_all_backends_give_the_same_193_transcripts(tiny, dev_utts):
 
 
 def test_whisper_base_loads_and_transcribes(dev_utts):
-    from femtocc.decode import make_backend, score, transcribe
+    from femtocc.backends import make_backend
+    from femtocc.decode import score, transcribe
     from femtocc.frontend.whisper import load_whisper
 
     base = load_whisper("whisper-base")

@@ -165,7 +165,8 @@ def test_ir_to_onnx_round_trip_runs_identically(ir_graphs, features):
 
 
 def test_three_backends_agree_on_real_speech(tiny, dev_utts):
-    from femtocc.decode import BACKENDS, make_backend, score, transcribe
+    from femtocc.backends import BACKENDS, make_backend
+    from femtocc.decode import score, transcribe
 
     utts = dev_utts[:4]
     results = {b: transcribe(tiny, make_backend(tiny, b), utts) for b in BACKENDS}

@@ -15,7 +15,8 @@ import tempfile
 
 import femtocc.passes.prune as prune
 from femtocc.data import load_dataset, split_by_speaker
-from femtocc.decode import make_backend, score, transcribe
+from femtocc.backends import make_backend
+from femtocc.decode import score, transcribe
 from femtocc.frontend.whisper import load_whisper
 from femtocc.passes.calibrate import collect_hessians, prunable_layers
 from femtocc.passes.obs import ADMM_ITERATIONS

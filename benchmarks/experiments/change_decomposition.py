@@ -18,7 +18,8 @@ import tempfile
 import jiwer
 
 from femtocc.data import load_dataset, split_by_speaker
-from femtocc.decode import make_backend, transcribe
+from femtocc.backends import make_backend
+from femtocc.decode import transcribe
 from femtocc.frontend.whisper import load_whisper
 from femtocc.passes.calibrate import collect_hessians, prunable_layers
 from femtocc.passes.prune import PruneConfig, prune_model

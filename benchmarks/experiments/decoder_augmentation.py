@@ -19,7 +19,7 @@ import numpy as np
 from femtocc.data import SAMPLE_RATE, Utterance, load_audio, load_dataset, split_by_speaker
 from femtocc.decode import greedy_decode, token_limit, torch_graph_backend
 from femtocc.frontend.whisper import load_whisper
-from femtocc.passes.calibrate import _features, collect_hessians, dense_transcripts, heldout_speakers, prunable_layers
+from femtocc.passes.calibrate import collect_hessians, dense_transcripts, heldout_speakers, prunable_layers
 from femtocc.passes.obs import obs_prune, relative_error
 from femtocc.passes.prune import weight_matrix, well_calibrated
 from femtocc.passes.sparsity import parse_pattern
@@ -47,7 +47,7 @@ tokens = dense_transcripts(bundle, calib)
 backend = torch_graph_backend(bundle)
 for c in clips:
     audio = c.audio()
-    tokens[c.id], _ = greedy_decode(backend.start(_features(bundle, audio)), bundle.decode,
+    tokens[c.id], _ = greedy_decode(backend.start(bundle.features(audio)), bundle.decode,
                                     token_limit(len(audio) / SAMPLE_RATE, bundle.decode))
 layers = prunable_layers(bundle.model)
 plain = collect_hessians(bundle, fit, layers, dense_tokens=tokens)

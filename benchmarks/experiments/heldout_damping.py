@@ -58,7 +58,8 @@ for kind, rows in kinds.items():
 
 if args.wer:
     import femtocc.passes.prune as prune
-    from femtocc.decode import make_backend, score, transcribe
+    from femtocc.backends import make_backend
+    from femtocc.decode import score, transcribe
 
     by_matrix = {id(m): n for n, m in H.matrices.items()}
 

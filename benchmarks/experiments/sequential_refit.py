@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from femtocc.data import SAMPLE_RATE, load_dataset, split_by_speaker
-from femtocc.decode import make_backend, score, transcribe
+from femtocc.backends import make_backend
+from femtocc.decode import score, transcribe
 from femtocc.frontend.whisper import load_whisper
-from femtocc.passes.calibrate import PADDING_STRIDE, _features, collect_hessians, prunable_layers
+from femtocc.passes.calibrate import PADDING_STRIDE, collect_hessians, prunable_layers
 from femtocc.passes.obs import obs_prune
 from femtocc.passes.prune import PruneConfig, _store, prune_model, weight_matrix, weights_digest
 from femtocc.passes.sparsity import parse_pattern
@@ -31,7 +32,7 @@ hess = collect_hessians(bundle, calib, prunable_layers(bundle.model))
 print("dense calib", round(time.perf_counter() - t0), flush=True)
 # one-shot: decoder and convolutions on dense Hessians
 pruned, _ = prune_model(bundle, PruneConfig(sparsity=S, layers=r"^decoder|conv"), calib, hessians=hess)
-feats = {u.id: (torch.from_numpy(_features(bundle, u.audio())), len(u.audio()) / SAMPLE_RATE) for u in calib}
+feats = {u.id: (torch.from_numpy(bundle.features(u.audio())), len(u.audio()) / SAMPLE_RATE) for u in calib}
 
 class Stop(Exception):
     pass

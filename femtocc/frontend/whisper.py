@@ -84,6 +84,13 @@ class WhisperBundle:
 
         return WhisperFeatureExtractor(feature_size=self.n_mels)
 
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        """The log-mel input features of 16 kHz ``audio``: float32 ``[1, n_mels, 3000]`` (30 s)."""
+        extractor = self.__dict__.get("_extractor")
+        if extractor is None:
+            extractor = self.__dict__["_extractor"] = self.feature_extractor()
+        return extractor(audio, sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
+
     def text(self, token_ids) -> str:
         return self.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True).strip()
 

@@ -1,10 +1,12 @@
 """The femtocc graph IR: one ``Graph`` of ``Node`` s over typed SSA ``Value`` s.
 
-* A ``Value`` has a name and a ``TensorType`` (dtype and shape; a dim is an int, a symbolic
-  expression such as ``"T"`` or ``"P + T"``, or ``"?"`` when unknown). It is a graph input, the
-  output of exactly one node, or a constant. A constant holds its numpy data and ``attrs``: the
-  place where later passes record a weight's sparse encoding and quantization, so pruning changes
-  data and annotations, never the op kind.
+* A ``Value`` has a name and a ``TensorType`` (dtype, shape and storage encoding; a dim is an int,
+  a symbolic expression such as ``"T"`` or ``"P + T"``, or ``"?"`` when unknown). It is a graph
+  input, the output of exactly one node, or a constant. A constant holds its numpy data; its type's
+  ``encoding`` names the storage format of a weight (``pencil8``, ``2:4``; see
+  :mod:`femtocc.ir.formats`; none: dense row-major), which the verifier checks against the data,
+  so pruning changes data and encodings, never the op kind. ``attrs`` hold the rest of what passes
+  record on a constant (quantization scales, the sparsity analysis, placement).
 * A ``Node`` has an op name from the closed vocabulary in :mod:`femtocc.ir.ops`, input values,
   output values, attributes (int, float, str, bool, lists and dicts of those) and ``meta``
   (``scope``: the module path it came from; ``source``: the ONNX node name).
@@ -41,13 +43,22 @@ Dim = int | str
 class TensorType:
     dtype: str
     shape: tuple[Dim, ...]
+    encoding: str | None = None  # storage format of a constant weight (femtocc.ir.formats); None: dense
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
 
     def __str__(self) -> str:
-        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+        enc = f"<{self.encoding}>" if self.encoding else ""
+        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]{enc}"
+
+    def with_encoding(self, encoding: str | None) -> TensorType:
+        return TensorType(self.dtype, self.shape, encoding)
+
+    def same_data(self, other: TensorType) -> bool:
+        """Same dtype and shape, whatever the encodings."""
+        return self.dtype == other.dtype and self.shape == other.shape
 
     @property
     def rank(self) -> int:

@@ -7,7 +7,8 @@
       return %conv1d
     }
 
-* Types are ``dtype[dim, ...]``; a dim is an integer, a symbolic sum (``P + T``) or ``?``.
+* Types are ``dtype[dim, ...]``; a dim is an integer, a symbolic sum (``P + T``) or ``?``; a
+  constant weight's storage encoding follows in angle brackets: ``i8[384, 1536]<pencil8>``.
 * Small constants (at most 16 elements) print their data inline as ``dense<...>``; larger ones
   print only their type, and their data lives beside the text in a safetensors file
   (:func:`save` / :func:`load`). Constant annotations (sparse encoding, quantization) print as an
@@ -30,6 +31,7 @@ from femtocc.cache import atomic_write
 from femtocc.errors import FemtoccError
 from femtocc.ir import dims
 from femtocc.ir.core import DTYPES, Graph, Node, TensorType, Value
+from femtocc.ir.formats import parse_format
 
 INLINE_LIMIT = 16
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -187,7 +189,18 @@ class _Parser:
             if not self.accept(","):
                 break
         self.next("]")
-        return TensorType(dtype, tuple(shape))
+        encoding = None
+        if self.accept("<"):
+            parts = []
+            while not self.peek(">"):
+                parts.append(self.next(what="a storage format"))
+            self.next(">")
+            try:
+                encoding = parse_format("".join(parts)).name
+            except FemtoccError as e:
+                self.i -= 1
+                self.fail(str(e))
+        return TensorType(dtype, tuple(shape), encoding)
 
     def attr_value(self):
         if self.accept("["):
@@ -263,7 +276,7 @@ class _Parser:
                     data = self._dense(ty)
                 elif weights is not None and names[0] in weights:
                     data = np.asarray(weights[names[0]])
-                    if TensorType.of(data) != ty:
+                    if not TensorType.of(data).same_data(ty):
                         self.fail(f"weight {names[0]} has type {TensorType.of(data)}, text says {ty}")
                 attrs = self.attr_dict() if self.peek("{") else {}
                 v = Value(names[0], ty, data=data, attrs=attrs)

@@ -3,7 +3,10 @@
 :func:`verify` guarantees, when it returns: every value is defined once (SSA) and before its
 uses (dominance, in node order); every op is in the vocabulary with the right number of inputs
 and outputs; use lists match inputs; graph outputs are defined; and every node's declared output
-types agree with what its type rule infers (dtype, rank, and each dim where both are known).
+types agree with what its type rule infers (dtype, rank, and each dim where both are known); only
+constants carry a storage encoding, it is a 2-D weight's, and the data fits it (an ``N:M`` weight
+has at most ``N`` nonzeros per group, a ``pencilH`` weight a multiple of ``H`` outputs); a
+quantized constant (``attrs["quant"]``) has 4 or 8 bits, and an ``i8`` one values inside them.
 
 :func:`infer_shapes` rewrites each node's output types to what the type rules infer, keeping a
 declared dim where inference only knows ``?``.
@@ -14,6 +17,7 @@ from __future__ import annotations
 from femtocc.errors import FemtoccError
 from femtocc.ir import dims
 from femtocc.ir.core import Graph, Node, TensorType
+from femtocc.ir.formats import parse_format
 from femtocc.ir.ops import OPS, OpError, infer_types
 
 
@@ -42,6 +46,28 @@ def _agree(declared: TensorType, inferred: TensorType) -> bool:
     )
 
 
+def _check_encoding(v) -> None:
+    try:
+        fmt = parse_format(v.type.encoding)
+    except FemtoccError as e:
+        raise VerifyError(f"constant %{v.name}: {e}") from None
+    if v.type.rank != 2:
+        raise VerifyError(f"constant %{v.name}: storage encoding <{fmt.name}> needs a 2-D [in, out] weight, type is {v.type}")
+    if v.data is not None and not fmt.fits(v.data):
+        raise VerifyError(f"constant %{v.name}: data does not fit its storage encoding <{fmt.name}>")
+
+
+def _check_quant(v) -> None:
+    q = v.attrs["quant"]
+    bits = q.get("bits") if isinstance(q, dict) else None
+    if bits not in (4, 8):
+        raise VerifyError(f"constant %{v.name}: quant {q} needs bits 4 or 8")
+    if v.type.dtype == "i8" and v.data is not None and v.data.size:
+        lo, hi = int(v.data.min()), int(v.data.max())
+        if lo < -(1 << (bits - 1)) or hi >= 1 << (bits - 1):
+            raise VerifyError(f"constant %{v.name}: values in [{lo}, {hi}] do not fit {bits}-bit quantization")
+
+
 def verify(g: Graph) -> None:
     defined: set[int] = set()
     names: set[str] = set()
@@ -57,8 +83,12 @@ def verify(g: Graph) -> None:
     for name, v in g.constants.items():
         if name != v.name:
             raise VerifyError(f"graph @{g.name}: constant table key {name!r} != value name {v.name!r}")
-        if v.data is not None and TensorType.of(v.data) != v.type:
+        if v.data is not None and not TensorType.of(v.data).same_data(v.type):
             raise VerifyError(f"constant %{v.name}: data is {TensorType.of(v.data)}, type says {v.type}")
+        if v.type.encoding:
+            _check_encoding(v)
+        if "quant" in v.attrs:
+            _check_quant(v)
         define(v, "constant")
     for node in g.nodes:
         if node.op not in OPS:
@@ -76,6 +106,8 @@ def verify(g: Graph) -> None:
             if out.producer is not node:
                 raise VerifyError(f"{_where(node)}: output %{out.name} has another producer")
         for v in node.outputs:
+            if v.type.encoding:
+                raise VerifyError(f"{_where(node)}: output %{v.name} has storage encoding <{v.type.encoding}>; only constants are stored")
             define(v, "node output")
     for v in g.outputs:
         if id(v) not in defined:

@@ -7,8 +7,8 @@ as its data path is integer (run ``quantize`` first):
   (``shape`` nodes read the integer buffer: same dims); graph outputs made by ``dequantize``
   become integer program outputs with their scale; integer inputs (token ids) pass as they are;
 * every other node becomes one instruction; an op outside the ISA is an error naming the node;
-* constants are stored in the layout ``select-layout`` chose (``dense`` / ``pencil8`` weights,
-  int4 packed) or raw; a ``qdense``'s float weight scales are not needed on the chip and stay
+* constants are stored in the storage encoding on their type (``select-layout`` chose it: dense,
+  or pencil with the target's height; int4 packed) or raw; a ``qdense``'s float weight scales are not needed on the chip and stay
   behind;
 * activations take the region and address ``tile-sram`` gave them; without a plan they go to
   external memory, packed one after another.
@@ -22,6 +22,8 @@ import numpy as np
 
 from femtocc.errors import FemtoccError
 from femtocc.ir import dims
+from femtocc.ir.formats import parse_format
+from femtocc.ir.formats.pencil import Pencil
 from femtocc.runtime.program import OPCODE, Buffer, Instruction, Program, Symbol, encode_constant, encode_params
 
 EXTERNAL_BYTES = 1 << 32  # modelled external memory size
@@ -45,6 +47,26 @@ def _max_bytes(type_, dtype_bytes: int, bound: int = 448) -> int:
         c, t, p = program_dim(d, "value")
         n *= max(c + (t + p) * bound, 1) if (c, t, p) != (-1, 0, 0) else bound
     return n * dtype_bytes
+
+
+def check_limits(graph, target, code: list[Instruction], buffers: list[Buffer]) -> None:
+    """The program must fit the core's program memory, every lookup table its table memory, and the
+    pencil index width the format stores must be the target's."""
+    f = target.facts
+    if len(code) > f.program_memory_instructions_per_core:
+        raise FemtoccError(f"codegen: @{graph.name} needs {len(code)} instructions; {target.name}'s program memory holds "
+                           f"{f.program_memory_instructions_per_core} per core (facts.program_memory_instructions_per_core)")
+    bits = target.assumptions.pencil_index_bits
+    if bits != 16 and any(b.layout == "pencil" for b in buffers):
+        raise FemtoccError(f"codegen: the .spu format stores 16-bit pencil indices; {target.name} says "
+                           f"assumptions.pencil_index_bits = {bits}")
+    for ins in code:
+        if ins.op in ("qgelu", "qsoftmax"):
+            table = buffers[ins.inputs[1]]
+            if len(table.blob) > f.table_memory_bytes_per_core:
+                raise FemtoccError(f"codegen: the {ins.op} table {table.name} of @{graph.name} is {len(table.blob)} bytes; "
+                                   f"{target.name}'s table memory holds {f.table_memory_bytes_per_core} per core "
+                                   "(facts.table_memory_bytes_per_core)")
 
 
 def generate(graph, target) -> Program:
@@ -75,14 +97,21 @@ def generate(graph, target) -> Program:
         return add(v, "external", address=address, nbytes=nbytes)
 
     def constant(c) -> int:
-        layout, bits = "raw", 0
+        layout, bits, block = "raw", 0, 0
         if "quant" in c.attrs and c.data.dtype == np.int8 and c.data.ndim == 2 and c.attrs["quant"].get("axis") == 1:
             bits = int(c.attrs["quant"]["bits"])
-            layout = c.attrs.get("layout", {}).get("format", "dense")
-            layout = "pencil8" if layout == "pencil8" else "dense"
-        blob = encode_constant(c.data, layout, bits)
+            layout = "dense"
+            if c.type.encoding:
+                fmt = parse_format(c.type.encoding)
+                if not isinstance(fmt, Pencil) or fmt.height != target.facts.pencil:
+                    raise FemtoccError(f"codegen: %{c.name} is stored <{fmt.name}>; {target.name} reads dense and "
+                                       f"pencil{target.facts.pencil} weights (run select-layout for this target)")
+                layout, block = "pencil", fmt.height
+        elif c.type.encoding:
+            raise FemtoccError(f"codegen: %{c.name} has storage encoding <{c.type.encoding}> but is not a quantized weight")
+        blob = encode_constant(c.data, layout, bits, block)
         region = "stream" if c.attrs.get("placement", {}).get("where") == "stream" else "const"
-        return add(c, region, nbytes=len(blob), layout=layout, bits=bits, blob=blob)
+        return add(c, region, nbytes=len(blob), layout=layout, bits=bits, block=block, blob=blob)
 
     def operand(v) -> int:
         if id(v) in index:
@@ -139,6 +168,7 @@ def generate(graph, target) -> Program:
             itemsize = np.dtype(DTYPES[b.dtype]).itemsize
             b.region, b.address = "output", 0
             b.nbytes = itemsize * int(np.prod([max(c + (t + p) * 448, 1) if c >= 0 else 448 for c, t, p in b.shape]))
+    check_limits(graph, target, code, buffers)
     return Program(target.name, graph.name, buffers, code, inputs, outputs,
                    sram_bytes_per_core=target.sram_bytes_per_core, cores=target.facts.cores,
                    external_bytes=max(EXTERNAL_BYTES, ext_next[0]))

@@ -1,21 +1,65 @@
-"""Analytical cost of the linear layers of a compiled graph: MACs, SRAM words and cycles per layer.
+"""The spu001 cost model, the only one: bytes and cycles of weights and linear layers, from the IR.
 
-Computed from the IR alone (shapes, the layouts ``select-layout`` chose, the placements ``tile-sram``
-made) with the timing model of docs/spu001.md, never from the simulator, so the two cross-check
-each other (``benchmarks/sim_crosscheck.py``). Activations count as dense: the simulator's skipping
-of zero activations is data-dependent and is compared with it switched off.
+Every consumer reads it: ``select-layout`` (which storage format each weight gets),
+``tile-sram`` (how many bytes a weight occupies), the compile report (per-layer bytes and
+predicted cycles, bytes against sparsity) and the benchmarks. It is computed from the IR alone
+(shapes, each weight's storage encoding on its type, the placements ``tile-sram`` made) with the
+timing model of docs/spu001.md and the numbers of the target description, never from the
+simulator, so the two cross-check each other (``benchmarks/sim_crosscheck.py``).
 
-Known differences, by construction small: the analytical weight bytes are select-layout's estimate
-(pencils x (8 + 2) bytes), the program also stores 4 bytes of offsets per pencil group; the
-analytical SRAM time assumes accesses spread over all banks, the simulator charges bank
-conflicts when operands share a bank.
+* A weight's bytes, MACs and cycles per input row come from its format's module in
+  :mod:`femtocc.ir.formats` (MACs over the MAC lanes of all cores, plus ``pencil_decode_cycles``
+  per pencil); this module adds SRAM and external traffic, placement and the core barrier.
+* Activations count as dense: the simulator's skipping of zero activations is data-dependent and
+  is compared with it switched off.
+
+Known differences from the simulator, by construction small: the weight bytes here leave out the
+4 bytes of offsets per pencil group the program also stores; the SRAM time assumes accesses spread
+over all banks, the simulator charges bank conflicts when operands share a bank.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from femtocc.ir import dims
+from femtocc.ir.formats import parse_format
+from femtocc.ir.formats.dense import DENSE
+from femtocc.ir.formats.pencil import Pencil
+
+SPARSITY_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+
+
+def storage_formats(target) -> list:
+    """The weight storage formats the target reads: dense and its native pencil."""
+    return [DENSE, Pencil(target.facts.pencil)]
+
+
+def weight_bits(const) -> int:
+    """A weight constant's bit width: its quantization's, else its dtype's."""
+    return int(const.attrs.get("quant", {}).get("bits", 32 if const.data.dtype == np.float32 else 8))
+
+
+def format_cost(fmt, w_in_out: np.ndarray, bits: int, target) -> dict:
+    """Bytes and cycles per input row of one ``[in, out]`` weight stored in ``fmt`` on ``target``."""
+    return {"bytes": fmt.nbytes(w_in_out, bits, target.assumptions.pencil_index_bits),
+            "cycles_per_row": fmt.cycles_per_row(w_in_out, target)}
+
+
+def format_costs(w_in_out: np.ndarray, bits: int, target) -> dict[str, dict]:
+    """:func:`format_cost` of every storage format of the target that can hold the weight."""
+    return {fmt.name: format_cost(fmt, w_in_out, bits, target) for fmt in storage_formats(target) if fmt.fits(w_in_out)}
+
+
+def weight_cost(const, target) -> dict:
+    """A weight constant as its type says it is stored: ``{format, bytes, cycles_per_row}`` and the
+    ``dense_bytes`` / ``dense_cycles_per_row`` it would take dense."""
+    fmt = parse_format(const.type.encoding) if const.type.encoding else DENSE
+    bits = weight_bits(const)
+    mine, dense = format_cost(fmt, const.data, bits, target), format_cost(DENSE, const.data, bits, target)
+    return {"format": fmt.name, **mine, "dense_bytes": dense["bytes"], "dense_cycles_per_row": dense["cycles_per_row"]}
 
 
 def _bound(shape, binding) -> int:
@@ -32,6 +76,7 @@ def linear_layer_costs(graph, target, tokens: int = 1, cached: int = 0) -> dict[
     """Per ``qdense`` (keyed by its weight constant's name): MACs, SRAM words read / written, cycles."""
     f, a = target.facts, target.assumptions
     lanes, cores, banks = a.mac_lanes_per_core * f.cores, f.cores, f.sram_banks_per_core
+    word = f.sram_word_bits // 8
     binding = {"T": tokens, "P": cached}
     out = {}
     for node in graph.nodes:
@@ -42,16 +87,16 @@ def linear_layer_costs(graph, target, tokens: int = 1, cached: int = 0) -> dict[
         act_bytes = 1 if x.type.dtype == "i8" else 2
         rows = _bound(x.type.shape[:-1], binding)
         k, n = w.data.shape
-        layout = w.attrs.get("layout", {})
-        pencil = layout.get("format") == "pencil8"
-        per_row = (int((w.data.reshape(k, n // 8, 8) != 0).any(axis=2).sum()) * 8) if pencil else k * n
-        macs = rows * per_row
-        weight_bytes = layout.get("bytes", k * n)
+        fmt = parse_format(w.type.encoding) if w.type.encoding else DENSE
+        macs = rows * fmt.macs_per_row(w.data)
+        weight_bytes = weight_cost(w, target)["bytes"]
         read = [rows * k * act_bytes, weight_bytes, 8 * n, 8 * n]
         written = rows * n * act_bytes
-        words_read = sum(math.ceil(b / 8) for b in read)
-        words_written = math.ceil(written / 8)
-        compute = math.ceil(macs / lanes) + (macs / 8) * a.pencil_decode_cycles / cores if pencil else math.ceil(macs / lanes)
+        words_read = sum(math.ceil(b / word) for b in read)
+        words_written = math.ceil(written / word)
+        compute = math.ceil(macs / lanes)
+        if isinstance(fmt, Pencil):
+            compute += (macs / fmt.height) * a.pencil_decode_cycles / cores
         sram = (words_read + words_written) / cores / banks / max(a.bank_read_ports, 1)
         external, transfers = 0, 0
         for value, nbytes in ((x, read[0]), (w, weight_bytes), (y, written)):
@@ -66,3 +111,29 @@ def linear_layer_costs(graph, target, tokens: int = 1, cached: int = 0) -> dict[
             "cycles": max(compute, sram, transfer) + a.core_sync_cycles,
         }
     return out
+
+
+def bytes_vs_sparsity(graphs: dict, target) -> dict:
+    """Weight bytes of every prunable qdense at each native-pencil sparsity of the grid (exact: a
+    pencil layer at sparsity s keeps ceil((1 - s) * pencils) pencils, whichever method chose them),
+    and the first sparsity at which the encoder's weights fit the SRAM."""
+    h = target.facts.pencil
+    word = Pencil(h).nbytes(np.ones((1, h)), 8, target.assumptions.pencil_index_bits)  # bytes per stored pencil
+    rows, resident_from = [], None
+    for s in SPARSITY_GRID:
+        row = {"sparsity": s}
+        for w, g in graphs.items():
+            total = 0
+            for node in (n for n in g.nodes if n.op == "qdense"):
+                n_in, n_out = node.inputs[1].data.shape
+                prunable = node.meta.get("scope", "").startswith(("encoder.", "decoder.")) and n_out % h == 0
+                kept = math.ceil(round((1 - s) * n_in * n_out / h, 6)) * word
+                total += min(n_in * n_out, kept) if prunable and s > 0 else n_in * n_out
+            row[f"{w}_bytes"] = total
+        if "encoder_bytes" in row:
+            row["encoder_resident"] = row["encoder_bytes"] <= target.sram_bytes
+            if row["encoder_resident"] and resident_from is None:
+                resident_from = s
+        rows.append(row)
+    return {"pattern": f"pencil{h}", "bits": 8, "rows": rows, "encoder_resident_from": resident_from,
+            "sram_bytes": target.sram_bytes}

@@ -98,6 +98,18 @@ def _section(cls, table, where: str):
     return cls(**table)
 
 
+_LOADED: dict = {}
+
+
+def load_target(path: str | Path | None = "") -> Target:
+    """:func:`load`, cached by path (passes name their target by file; empty: the default)."""
+    path = Path(path or DEFAULT)
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0)
+    if key not in _LOADED:
+        _LOADED[key] = load(path)
+    return _LOADED[key]
+
+
 def load(path: str | Path = DEFAULT) -> Target:
     path = Path(path)
     try:

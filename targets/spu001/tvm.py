@@ -292,10 +292,10 @@ class Region:
         self.last_call: tuple[dict, dict] | None = None  # (inputs, outputs) of the latest call
 
     def _float_graph(self):
-        from femtocc.passes import PassManager
+        from femtocc.passes import PassManager, pipeline
 
         g = region_to_graph(self.func, self.symbol)
-        PassManager.parse("canonicalize,fold-gelu,fold-dense,lower-conv,dce").run(g)
+        PassManager.parse(pipeline("lowered")).run(g)
         return g
 
     def _exceeds(self, feeds) -> bool:
@@ -305,11 +305,8 @@ class Region:
                    for v in self.graph.inputs)
 
     def compile(self, feeds: dict[str, np.ndarray]) -> None:
-        import json
-        import tempfile
-        from pathlib import Path
-
-        from femtocc.passes import PassManager
+        from femtocc.passes import PassManager, pipeline
+        from femtocc.passes.calibrate import attach_ranges
         from femtocc.runtime.program import solve_sizes
         from femtocc.targets.spu001 import load
         from femtocc.targets.spu001.codegen import generate, program_dim
@@ -317,18 +314,15 @@ class Region:
         g = self._float_graph()
         if self.sparsity:
             if self.pruned is None:
-                self.pruned = _obs_prune_graph(g, feeds, self.sparsity)
+                self.pruned = _obs_prune_graph(g, feeds, self.sparsity, load().facts.pencil)
             for name, w in self.pruned.items():
                 g.constants[name].data = w
         PassManager.parse("annotate-sparsity").run(g)
         self.recorder.runner(g)(feeds)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "ranges.json"
-            path.write_text(json.dumps(self.recorder.ranges))
-            sizes = solve_sizes([(self.symbol, program_dim(d, v.name), n) for v in g.inputs  # tile for this call's T and P
-                                 for d, n in zip(v.type.shape, feeds[v.name].shape)])
-            PassManager.parse(f"quantize{{ranges={path}}},select-layout,"
-                              f"tile-sram{{tokens={sizes['T'] or 1},cached={sizes['P']}}}").run(g)
+        attach_ranges({self.symbol: g}, self.recorder.ranges)
+        sizes = solve_sizes([(self.symbol, program_dim(d, v.name), n) for v in g.inputs  # tile for this call's T and P
+                             for d, n in zip(v.type.shape, feeds[v.name].shape)])
+        PassManager.parse(pipeline("spu001", tokens=sizes["T"] or 1, cached=sizes["P"])).run(g)
         target = load()
         self.quantized = g
         self.program = generate(g, target).to_bytes()
@@ -366,9 +360,9 @@ class Region:
                    for name, scale in scales.items() if name in result)
 
 
-def _obs_prune_graph(g, feeds, sparsity: float) -> dict[str, np.ndarray]:
-    """OBS pencil8 pruning of every dense weight on Hessians from ``feeds`` (the first call's inputs);
-    returns the pruned weights by constant name."""
+def _obs_prune_graph(g, feeds, sparsity: float, pencil: int = 8) -> dict[str, np.ndarray]:
+    """OBS pruning in the target's pencils of every dense weight on Hessians from ``feeds`` (the first
+    call's inputs); returns the pruned weights by constant name."""
     from femtocc.ir import Interpreter
     from femtocc.passes.obs import obs_prune
     from femtocc.passes.sparsity import parse_pattern
@@ -381,9 +375,9 @@ def _obs_prune_graph(g, feeds, sparsity: float) -> dict[str, np.ndarray]:
     for node in dense:
         x = inputs[id(node.inputs[0])].reshape(-1, node.inputs[0].type.shape[-1]).astype(np.float64)
         w = node.inputs[1].data.T
-        if w.shape[0] % 8:
+        if w.shape[0] % pencil:
             continue
-        r = obs_prune(w, 2 * x.T @ x / len(x), sparsity, parse_pattern("pencil8"))
+        r = obs_prune(w, 2 * x.T @ x / len(x), sparsity, parse_pattern(f"pencil{pencil}"))
         node.inputs[1].data = np.ascontiguousarray(r.weight.T)
         pruned[node.inputs[1].name] = node.inputs[1].data
     return pruned

@@ -17,7 +17,6 @@ each at W8A16 and W4A8.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -33,11 +32,10 @@ def mini_whisper_graphs() -> dict:
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    from femtocc.compile import FLOAT_PIPELINE
     from femtocc.frontend.onnx_export import GRAPH_NAMES, export_graph
     from femtocc.frontend.onnx_ir import import_onnx
     from femtocc.frontend.whisper import _quiet_transformers
-    from femtocc.passes import PassManager
+    from femtocc.passes import PassManager, pipeline
 
     _quiet_transformers()
     torch.manual_seed(0)
@@ -52,21 +50,18 @@ def mini_whisper_graphs() -> dict:
     feeds = {"encoder": {"input_features": f32(1, 8, 8)}, "cross_kv": {"encoder_hidden_states": f32(1, 4, 16)},
              "decoder_step": {"input_ids": np.array([[1, 3, 5]]), "past_k.0": f32(1, 2, 2, 8), "past_v.0": f32(1, 2, 2, 8),
                               "cross_k.0": f32(1, 2, 4, 8), "cross_v.0": f32(1, 2, 4, 8)}}
-    return {w: (PassManager.parse(FLOAT_PIPELINE).run(import_onnx(export_graph(bundle, w), w)), feeds[w])
+    return {w: (PassManager.parse(pipeline("lowered")).run(import_onnx(export_graph(bundle, w), w)), feeds[w])
             for w in GRAPH_NAMES}
 
 
 def _lower(graph, feeds, wbits: int, abits: int, tokens: int):
-    from femtocc.passes import PassManager
-    from femtocc.passes.calibrate import RangeRecorder
+    from femtocc.passes import PassManager, pipeline
+    from femtocc.passes.calibrate import RangeRecorder, attach_ranges
 
     recorder = RangeRecorder()
     recorder.runner(graph)(feeds)
-    with tempfile.TemporaryDirectory() as tmp:
-        ranges = Path(tmp) / "ranges.json"
-        ranges.write_text(json.dumps(recorder.ranges))
-        PassManager.parse(f"quantize{{ranges={ranges},weight-bits={wbits},act-bits={abits}}},select-layout,"
-                          f"tile-sram{{tokens={tokens},act-bytes={abits // 8}}}").run(graph)
+    attach_ranges({graph.name: graph}, recorder.ranges)
+    PassManager.parse(pipeline("spu001", weight_bits=wbits, act_bits=abits, tokens=tokens)).run(graph)
     return graph
 
 

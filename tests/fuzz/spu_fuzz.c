@@ -33,26 +33,13 @@ static uint32_t crc32_of(const uint8_t *data, size_t n) {
     return crc ^ 0xFFFFFFFFu;
 }
 
+/* the keys of SPU_CONFIG (runtime/spu_isa.h, generated from the target description) */
 static int set_key(const char *key, double v) {
-    struct { const char *name; int64_t *i; double *d; } keys[] = {
-        {"cores", &cfg.cores, NULL}, {"mac_lanes_per_core", &cfg.mac_lanes_per_core, NULL}, {"pencil", &cfg.pencil, NULL},
-        {"pencil_index_bits", &cfg.pencil_index_bits, NULL}, {"pencil_decode_cycles", &cfg.pencil_decode_cycles, NULL},
-        {"bank_read_ports", &cfg.bank_read_ports, NULL}, {"sram_banks_per_core", &cfg.sram_banks_per_core, NULL},
-        {"sram_bank_words", &cfg.sram_bank_words, NULL}, {"table_lookup_cycles", &cfg.table_lookup_cycles, NULL},
-        {"external_bandwidth_bytes_per_cycle", &cfg.external_bandwidth_bytes_per_cycle, NULL},
-        {"external_latency_cycles", &cfg.external_latency_cycles, NULL}, {"core_sync_cycles", &cfg.core_sync_cycles, NULL},
-        {"skip_zero_activations", &cfg.skip_zero_activations, NULL}, {"threads_per_core", &cfg.threads_per_core, NULL},
-        {"clock_hz", NULL, &cfg.clock_hz}, {"mac_int8", NULL, &cfg.e_mac_int8}, {"mac_int16", NULL, &cfg.e_mac_int16},
-        {"add_int32", NULL, &cfg.e_add_int32}, {"sram_read_64b", NULL, &cfg.e_sram_read_64b},
-        {"sram_write_64b", NULL, &cfg.e_sram_write_64b}, {"table_lookup", NULL, &cfg.e_table_lookup},
-        {"external_read_byte", NULL, &cfg.e_external_read_byte},
-    };
-    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-        if (!strcmp(key, keys[i].name)) {
-            if (keys[i].i) *keys[i].i = (int64_t)v;
-            else *keys[i].d = v;
-            return 0;
-        }
+#define SET_INT(k) if (!strcmp(key, #k)) { cfg.k = (int64_t)v; return 0; }
+#define SET_REAL(k) if (!strcmp(key, #k)) { cfg.k = v; return 0; }
+    SPU_CONFIG(SET_INT, SET_REAL)
+#undef SET_INT
+#undef SET_REAL
     return -1;
 }
 
@@ -71,7 +58,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
             exit(2);
         }
     fclose(f);
-    if (cfg.cores < 1 || cfg.mac_lanes_per_core < 1 || cfg.pencil < 1) {
+    if (cfg.cores < 1 || cfg.mac_lanes_per_core < 1 || cfg.pencil < 1 || cfg.sram_word_bits < 8) {
         fprintf(stderr, "spu_fuzz: %s: incomplete config\n", path);
         exit(2);
     }

@@ -1,7 +1,8 @@
 """tile-sram: place every tensor of a graph in the target's SRAM, or stream it from external memory.
 
 Model (see docs/spu001.md): the two cores split every layer by output channels, so each core
-holds half of each activation and half of each weight (rounded up to whole 64-bit words).
+holds its share of each activation and of each weight (rounded up to whole SRAM words of the
+description's ``sram_word_bits``).
 
 1. Symbolic dims are bound (``tokens`` for ``T``, ``cached`` for ``P``).
 2. Activations (graph inputs and node results; ``act-bytes`` per element) get addresses in each
@@ -27,18 +28,10 @@ generation passes it on to the instruction stream. Every activation gets ``place
 
 from __future__ import annotations
 
-import numpy as np
-
 from femtocc.errors import FemtoccError
 from femtocc.ir import dims
 from femtocc.passes.manager import Pass, register
-from femtocc.passes.select_layout import weight_bits
-
-WORD = 8  # bytes per SRAM word
-
-
-def _words(nbytes: int) -> int:
-    return -(-nbytes // WORD)
+from femtocc.targets.spu001.cost import weight_cost
 
 
 def _bind(shape, binding: dict[str, int], name: str) -> int:
@@ -51,14 +44,6 @@ def _bind(shape, binding: dict[str, int], name: str) -> int:
             d = sum(v * (binding[k] if k else 1) for k, v in terms.items())
         n *= int(d)
     return n
-
-
-def _weight_bytes(const) -> int:
-    """Bytes as select-layout stored the weight, else dense at the weight's own bit width."""
-    layout = const.attrs.get("layout")
-    if layout:
-        return int(layout["bytes"])
-    return int(np.prod(const.data.shape)) * weight_bits(const) // 8
 
 
 class _Arena:
@@ -97,11 +82,16 @@ class TileSram(Pass):
     stream_buffer: int = 16384
 
     def run(self, graph):
-        from femtocc.targets.spu001 import DEFAULT, load
+        from femtocc.targets.spu001.description import load_target
 
-        target = load(self.target or DEFAULT)
+        target = load_target(self.target)
         cores = target.facts.cores
-        core_words = target.sram_bytes_per_core // WORD
+        word = target.facts.sram_word_bits // 8  # bytes per SRAM word
+
+        def _words(nbytes: int) -> int:
+            return -(-nbytes // word)
+
+        core_words = target.sram_bytes_per_core // word
         binding = {"T": self.tokens, "P": self.cached}
         weights = {id(n.inputs[1]): n.inputs[1] for n in graph.nodes
                    if n.op in ("dense", "qdense", "conv") and n.inputs[1].is_constant}
@@ -114,11 +104,11 @@ class TileSram(Pass):
             last_use[id(v)] = len(graph.nodes) if v in graph.outputs else max(uses, default=-1)
         buffer_words = 2 * _words(self.stream_buffer)  # double-buffered stream tile, reserved first
         if buffer_words >= core_words:
-            raise FemtoccError(f"tile-sram: stream-buffer {self.stream_buffer} leaves no SRAM ({core_words * WORD} bytes per core)")
+            raise FemtoccError(f"tile-sram: stream-buffer {self.stream_buffer} leaves no SRAM ({core_words * word} bytes per core)")
         arena = _Arena(core_words - buffer_words)
         live: dict[int, tuple[int, int]] = {}
         external_acts = {"bytes": 0, "values": 0, "next": 0}
-        tiled = self._tile_attention(graph, binding, core_words)
+        tiled = self._tile_attention(graph, binding, core_words * word)
 
         def place(v):
             elements = _bind(v.type.shape, binding, v.name)
@@ -133,16 +123,16 @@ class TileSram(Pass):
                 row = _words(-(-_bind(v.type.shape[-1:], binding, v.name) * self.act_bytes // cores))
                 if 2 * row > core_words:
                     raise FemtoccError(
-                        f"tile-sram: activation %{v.name} ({v.type}): one row needs {row * WORD} bytes per core, "
-                        f"double-buffered that exceeds the {core_words * WORD} bytes of SRAM"
+                        f"tile-sram: activation %{v.name} ({v.type}): one row needs {row * word} bytes per core, "
+                        f"double-buffered that exceeds the {core_words * word} bytes of SRAM"
                     )
                 external_acts["bytes"] += elements * self.act_bytes * (1 + len(v.users))
                 external_acts["values"] += 1
                 v.attrs["placement"] = {"where": "external", "address": external_acts["next"], "bytes": elements * self.act_bytes}
-                external_acts["next"] += _words(elements * self.act_bytes) * WORD
+                external_acts["next"] += _words(elements * self.act_bytes) * word
                 return
             live[id(v)] = (start, size)
-            v.attrs["placement"] = {"where": "tile" if id(v) in tiled else "sram", "address": start * WORD, "bytes": size * WORD}
+            v.attrs["placement"] = {"where": "tile" if id(v) in tiled else "sram", "address": start * word, "bytes": size * word}
 
         for v in graph.inputs:
             place(v)
@@ -159,12 +149,12 @@ class TileSram(Pass):
         resident = streamed = 0
         address = act_high
         budget = free_words - buffer_words
-        sizes = {id(c): _weight_bytes(c) for c in weights.values()}
+        sizes = {id(c): weight_cost(c, target)["bytes"] for c in weights.values()}
         for const in sorted(weights.values(), key=lambda c: -sizes[id(c)]):
             total = sizes[id(const)]
             per_core = _words(-(-total // cores))
             if per_core <= budget:
-                const.attrs["placement"] = {"where": "sram", "bytes": total, "address": address * WORD}
+                const.attrs["placement"] = {"where": "sram", "bytes": total, "address": address * word}
                 address += per_core
                 budget -= per_core
                 resident += total
@@ -174,8 +164,8 @@ class TileSram(Pass):
                 streamed += total
         return {
             "attention-chains-tiled": sum(1 for n in graph.nodes if n.op in ("qsoftmax", "softmax") and n.attrs.get("tile_rows")),
-            "act-high-water-bytes-per-core": act_high * WORD,
-            "high-water-bytes-per-core": (address + (buffer_words if streamed else 0)) * WORD,
+            "act-high-water-bytes-per-core": act_high * word,
+            "high-water-bytes-per-core": (address + (buffer_words if streamed else 0)) * word,
             "resident-weight-bytes": resident,
             "streamed-weight-bytes": streamed,
             "streamed-activations": external_acts["values"],
@@ -183,7 +173,7 @@ class TileSram(Pass):
             "external-activation-bytes": external_acts["next"],
         }
 
-    def _tile_attention(self, graph, binding, core_words) -> dict[int, int]:
+    def _tile_attention(self, graph, binding, core_bytes) -> dict[int, int]:
         """Find attention chains, mark their nodes with ``tile_rows``; id(value) -> rows kept."""
         tiled: dict[int, int] = {}
         for first in graph.nodes:
@@ -199,7 +189,7 @@ class TileSram(Pass):
             keys = _bind(first.outputs[0].type.shape[-1:], binding, first.outputs[0].name)
             rows = _bind(first.outputs[0].type.shape[-2:-1], binding, first.outputs[0].name)
             tile = 64
-            while tile > 1 and 3 * tile * keys * self.act_bytes > core_words * WORD // 4:
+            while tile > 1 and 3 * tile * keys * self.act_bytes > core_bytes // 4:
                 tile //= 2
             tile = min(tile, rows)
             for node in chain:
