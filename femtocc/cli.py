@@ -232,6 +232,11 @@ def cmd_prune(args) -> int:
 
     from femtocc.cache import check_output_dir
 
+    if args.vocabulary_size is not None and (not args.vocabulary_from or args.vocabulary_size < 1):
+        raise FemtoccError("--vocabulary-size needs --vocabulary-from and must be at least 1")
+    if (args.schedule or args.train) and args.vocabulary_from:
+        raise FemtoccError("--vocabulary-from restricts a finished model: recover first, then run "
+                           "femtocc prune OUT --sparsity 0 --vocabulary-from DIR on the result")
     if args.schedule or args.train:
         return _cmd_recover(args)
     cfg = PruneConfig(
@@ -247,10 +252,29 @@ def cmd_prune(args) -> int:
     if args.calib_split == "calib":
         calib = split_by_speaker(calib)[0]
     calib = calib[: args.calib_limit] if args.calib_limit else calib
+    vocab_utts = load_dataset(args.vocabulary_from) if args.vocabulary_from else None
     bundle = load_whisper(args.model)
-    pruned, report = prune_model(bundle, cfg, calib, progress=not args.quiet)
+    if args.sparsity > 0 or not args.vocabulary_from:
+        pruned, report = prune_model(bundle, cfg, calib, progress=not args.quiet)
+    else:  # only the vocabulary
+        pruned, report = bundle, None
     pruned.metadata["dense_source"] = args.model if not Path(args.model).exists() else str(Path(args.model).resolve())
+    if vocab_utts is not None:
+        from femtocc.passes.vocabulary import corpus_tokens, fill, restrict
+
+        used = corpus_tokens(bundle, vocab_utts, progress=not args.quiet)
+        if args.vocabulary_size:
+            used = fill(used, args.vocabulary_size, bundle.model.config.vocab_size)
+        pruned = restrict(pruned, used, {"data": args.vocabulary_from, "utterances": len(vocab_utts),
+                                         "size": args.vocabulary_size})
+        source = pruned.metadata["vocabulary_source"]
+        print(f"vocabulary: kept {source['kept']:,} of {source['of']:,} tokens (the ones {bundle.name} writes on "
+              f"{len(vocab_utts)} utterances of {args.vocabulary_from}, the prompt and end of text"
+              f"{', topped up with the most frequent' if args.vocabulary_size else ''})")
     out = save_bundle(pruned, args.output)
+    if report is None:
+        print(f"wrote {out}")
+        return 0
     with atomic_write(out / "prune-report.json", "w") as f:
         json.dump(report, f, indent=1)
     if args.verbose:
@@ -317,6 +341,9 @@ def _cmd_recover(args) -> int:
     bundle = load_whisper(args.model)
     teacher_name = args.teacher or bundle.metadata.get("dense_source") or args.model
     teacher = load_whisper(teacher_name) if teacher_name != args.model else bundle
+    if bundle.metadata.get("vocabulary") != teacher.metadata.get("vocabulary"):
+        raise FemtoccError(f"{args.model} and its teacher {teacher_name} have different vocabularies; distil the "
+                           "full-vocabulary model, then restrict it (--vocabulary-from)")
     windows = pack(train, seed=args.seed)
     talk = not args.quiet and rank == 0
     targets = teacher_targets(teacher, windows, k=args.top_k, hidden=args.hidden_weight > 0, progress=talk)
@@ -493,6 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "pruned without them: shows how far the calibration error generalises")
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
     p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
+    p.add_argument("--vocabulary-from", default=None, metavar="DIR",
+                   help="keep only the output tokens the model writes on this speech folder (its own transcripts of "
+                        "the packed 30-s windows, cached like recovery training's teacher targets); with --sparsity 0 "
+                        "nothing else is pruned")
+    p.add_argument("--vocabulary-size", type=int, default=None, metavar="N",
+                   help="with --vocabulary-from: top the kept tokens up to N with the most frequent ones (lowest ids)")
     r = p.add_argument_group("recovery training (gradual OBS with distillation on training speech)")
     r.add_argument("--schedule", action="append", default=None, metavar="KIND:START:FINAL:STAGES[@REGEX]",
                    help="stage sparsities: cubic, linear or oneshot, e.g. cubic:0:0.6:4 (replaces --sparsity); "

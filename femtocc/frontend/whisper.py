@@ -92,7 +92,9 @@ class WhisperBundle:
         return extractor(audio, sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
 
     def text(self, token_ids) -> str:
-        return self.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True).strip()
+        vocabulary = self.metadata.get("vocabulary")  # a restricted vocabulary (passes/vocabulary.py)
+        ids = [int(vocabulary[int(t)]) if vocabulary else int(t) for t in token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generation_config(self):
         """A transformers ``GenerationConfig`` equal to :attr:`decode`, for ``model.generate``."""
