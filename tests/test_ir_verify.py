@@ -75,3 +75,16 @@ def test_quantized_constants_are_checked_against_their_bit_width():
     w.attrs["quant"]["bits"] = 16
     with pytest.raises(VerifyError, match="needs bits 4 or 8"):
         verify(g)
+
+
+def test_placements_are_checked():
+    g = Graph("g")
+    w = g.add_constant("w", np.ones((2, 8), np.int8), attrs={"placement": {"where": "sram", "bytes": 16, "address": 0}})
+    g.outputs = [w]
+    verify(g)
+    w.attrs["placement"]["where"] = "cache"
+    with pytest.raises(VerifyError, match="placement .* must say where: sram, tile, stream, external"):
+        verify(g)
+    w.attrs["placement"] = {"where": "stream", "bytes": -1}
+    with pytest.raises(VerifyError, match="placement bytes must be a non-negative integer"):
+        verify(g)

@@ -6,7 +6,8 @@ and outputs; use lists match inputs; graph outputs are defined; and every node's
 types agree with what its type rule infers (dtype, rank, and each dim where both are known); only
 constants carry a storage encoding, it is a 2-D weight's, and the data fits it (an ``N:M`` weight
 has at most ``N`` nonzeros per group, a ``pencilH`` weight a multiple of ``H`` outputs); a
-quantized constant (``attrs["quant"]``) has 4 or 8 bits, and an ``i8`` one values inside them.
+quantized constant (``attrs["quant"]``) has 4 or 8 bits, and an ``i8`` one values inside them; a
+placement (``attrs["placement"]``, from tile-sram) names a place and non-negative sizes.
 
 :func:`infer_shapes` rewrites each node's output types to what the type rules infer, keeping a
 declared dim where inference only knows ``?``.
@@ -57,6 +58,18 @@ def _check_encoding(v) -> None:
         raise VerifyError(f"constant %{v.name}: data does not fit its storage encoding <{fmt.name}>")
 
 
+PLACES = ("sram", "tile", "stream", "external")
+
+
+def _check_placement(v) -> None:
+    p = v.attrs["placement"]
+    if not isinstance(p, dict) or p.get("where") not in PLACES:
+        raise VerifyError(f"%{v.name}: placement {p} must say where: {', '.join(PLACES)}")
+    bad = [k for k in ("address", "bytes", "tiles") if k in p and (not isinstance(p[k], int) or p[k] < 0)]
+    if bad:
+        raise VerifyError(f"%{v.name}: placement {bad[0]} must be a non-negative integer, got {p[bad[0]]!r}")
+
+
 def _check_quant(v) -> None:
     q = v.attrs["quant"]
     bits = q.get("bits") if isinstance(q, dict) else None
@@ -89,6 +102,8 @@ def verify(g: Graph) -> None:
             _check_encoding(v)
         if "quant" in v.attrs:
             _check_quant(v)
+        if "placement" in v.attrs:
+            _check_placement(v)
         define(v, "constant")
     for node in g.nodes:
         if node.op not in OPS:
@@ -106,6 +121,8 @@ def verify(g: Graph) -> None:
             if out.producer is not node:
                 raise VerifyError(f"{_where(node)}: output %{out.name} has another producer")
         for v in node.outputs:
+            if "placement" in v.attrs:
+                _check_placement(v)
             if v.type.encoding:
                 raise VerifyError(f"{_where(node)}: output %{v.name} has storage encoding <{v.type.encoding}>; only constants are stored")
             define(v, "node output")
