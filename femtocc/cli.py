@@ -264,7 +264,8 @@ def cmd_prune(args) -> int:
 
         used = corpus_tokens(bundle, vocab_utts, progress=not args.quiet)
         if args.vocabulary_size:
-            used = fill(used, args.vocabulary_size, bundle.model.config.vocab_size)
+            needed = set(bundle.decode.prompt) | {bundle.decode.eot}
+            used = fill(used | needed, args.vocabulary_size, bundle.model.config.vocab_size)
         pruned = restrict(pruned, used, {"data": args.vocabulary_from, "utterances": len(vocab_utts),
                                          "size": args.vocabulary_size})
         source = pruned.metadata["vocabulary_source"]

@@ -161,7 +161,7 @@ def compile_model(opts: CompileOptions) -> dict:
     replaced = put_weights(graphs, model.model, scales) if model is not bundle else 0
     if model is not bundle:
         for g in graphs.values():
-            PassManager.parse("annotate-sparsity").run(g)
+            PassManager.parse(f"annotate-sparsity{{pencil={target.facts.pencil}}}").run(g)
     t = _stage(opts, "import", t, f"{sum(len(g.nodes) for g in graphs.values())} nodes, {replaced} weights put in place")
 
     ranges = collect_value_ranges(graphs, model, calib[: opts.range_limit] if opts.range_limit else calib,

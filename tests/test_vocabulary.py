@@ -62,9 +62,16 @@ def test_prune_vocabulary_from_a_corpus_decodes_the_same(tiny, dev_utts, tmp_pat
     covered = [(a, b) for a, b in zip(mine, theirs) if set(b.tokens) <= kept]
     assert covered and all(a.hypothesis == b.hypothesis for a, b in covered)
     assert all(set(small.metadata["vocabulary"][t] for t in a.tokens) <= kept for a in mine)
+    topped = tmp_path / "tiny-vocab-1000"
+    assert main(["prune", "whisper-tiny.en", "--sparsity", "0", "--vocabulary-from", str(corpus), "--vocabulary-size",
+                 "1000", "-o", str(topped), "--quiet"]) == 0
+    vocab = json.loads((topped / "femtocc.json").read_text())["metadata"]["vocabulary"]
+    assert len(vocab) == 1000 and kept <= set(vocab) and set(range(100)) <= set(vocab)
 
 
 def test_vocabulary_with_recovery_is_refused(dev_data, tmp_path, capsys):
+    assert main(["prune", "whisper-tiny.en", "--vocabulary-size", "10", "-o", str(tmp_path / "x")]) == 2
+    assert "--vocabulary-size needs --vocabulary-from" in capsys.readouterr().err
     code = main(["prune", "whisper-tiny.en", "--schedule", "oneshot:0.5:0.5:1", "--train", str(dev_data),
                  "--vocabulary-from", str(dev_data), "-o", str(tmp_path / "x"), "--quiet"])
     assert code == 2 and "--vocabulary-from restricts a finished model" in capsys.readouterr().err
