@@ -45,7 +45,7 @@ def main() -> int:
     bundle = load_whisper("whisper-tiny.en")
     paths = export_whisper(bundle)
     utt = load_dataset(args.data)[10]
-    feats = bundle.feature_extractor()(utt.audio(), sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
+    feats = bundle.features(utt.audio())
     ort = {w: ort_runner(p) for w, p in paths.items()}
     ir = {w: Interpreter(PassManager.parse(DEFAULT_PIPELINE).run(import_onnx(load_onnx(p), w))).run for w, p in paths.items()}
     enc = ort["encoder"]({"input_features": feats})["encoder_hidden_states"]

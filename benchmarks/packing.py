@@ -22,21 +22,18 @@ from common import write_result
 
 
 def step_seconds(bundle, windows, targets) -> list[float]:
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from femtocc.data import SAMPLE_RATE
     from femtocc.train_data import load_targets
 
     model = bundle.model
     model.train()
-    extractor = bundle.feature_extractor()
     times = []
     for w in windows:
         tokens = list(load_targets(targets, w)["tokens"])
         seq = list(bundle.decode.prompt) + tokens + [bundle.decode.eot]
-        feats = extractor(w.audio(), sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
+        feats = bundle.features(w.audio())
         start = time.perf_counter()
         logits = model(input_features=torch.from_numpy(feats), decoder_input_ids=torch.tensor([seq[:-1]])).logits
         loss = F.cross_entropy(logits[0], torch.tensor(seq[1:]))

@@ -123,7 +123,6 @@ def compile_model(opts: CompileOptions) -> dict:
     wbits, abits = QUANT[opts.quant]
     if opts.method:
         from femtocc.passes.prune import PruneConfig, prune_model
-
         from femtocc.passes.sparsity import parse_pattern
 
         native = f"pencil{target.facts.pencil}"

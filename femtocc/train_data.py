@@ -174,7 +174,6 @@ def teacher_targets(teacher, windows: list[Window], k: int = 16, hidden: bool = 
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rank, world = distributed.rank_world()
-    extractor = teacher.feature_extractor()
     backend = TorchBackend(teacher)
     settings = teacher.decode
     model = teacher.model
@@ -183,7 +182,7 @@ def teacher_targets(teacher, windows: list[Window], k: int = 16, hidden: bool = 
         if path.is_file():
             continue
         audio = w.audio()
-        feats = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
+        feats = teacher.features(audio)
         with torch.no_grad():
             enc = model.model.encoder(torch.from_numpy(feats)).last_hidden_state
         tokens, _ = greedy_decode(backend.session(enc), settings, token_limit(len(audio) / SAMPLE_RATE, settings))

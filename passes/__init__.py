@@ -33,9 +33,9 @@ def pipeline(name: str, target: str = "", weight_bits: int = 8, act_bits: int = 
     if name == "lowered":
         return LOWERED
     if name == "spu001":
-        t = f"target={target}," if target else ""
-        return (f"quantize{{weight-bits={weight_bits},act-bits={act_bits}}},"
-                f"select-layout{{{t.rstrip(',')}}},tile-sram{{{t}tokens={tokens},cached={cached},act-bytes={act_bits // 8}}}")
+        where = [f"target={target}"] if target else []
+        tile = ",".join(where + [f"tokens={tokens}", f"cached={cached}", f"act-bytes={act_bits // 8}"])
+        return f"quantize{{weight-bits={weight_bits},act-bits={act_bits}}},select-layout{{{','.join(where)}}},tile-sram{{{tile}}}"
     raise ValueError(f"unknown pipeline {name!r}; known: float, lowered, spu001")
 
 

@@ -141,16 +141,16 @@ def relative_mse(student, teacher, valid=None):
     return (((student - teacher) ** 2) * w).sum() / ((teacher**2) * w).sum()
 
 
-def make_batch(windows, targets: Path, extractor, settings, device="cpu") -> dict:
+def make_batch(windows, targets: Path, teacher, device="cpu") -> dict:
     """``features`` [B, 80, 3000], teacher-forced decoder input ``ids`` [B, L] (prompt and the
     teacher's transcript, right-padded with end of text), ``valid`` [B, L] (1 where a position
     has a target), and the teacher's ``topk_ids``, ``topk_logp`` [B, L, k] and ``encoder`` output
     (None when the targets have none)."""
     import torch
 
-    from femtocc.data import SAMPLE_RATE
     from femtocc.train_data import load_targets
 
+    settings = teacher.decode
     loaded = [load_targets(targets, w) for w in windows]
     seqs = [list(settings.prompt) + [int(x) for x in t["tokens"]] for t in loaded]
     length = max(map(len, seqs))
@@ -164,8 +164,7 @@ def make_batch(windows, targets: Path, extractor, settings, device="cpu") -> dic
         valid[b, : len(seq)] = 1
         top_ids[b, : len(seq)] = torch.from_numpy(t["topk_ids"].astype(np.int64))
         top_logp[b, : len(seq)] = torch.from_numpy(t["topk_logp"].astype(np.float32))
-    feats = np.concatenate([extractor(w.audio(), sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
-                            for w in windows]).astype(np.float32)
+    feats = np.concatenate([teacher.features(w.audio()) for w in windows])
     enc = (torch.from_numpy(np.stack([t["encoder"] for t in loaded]).astype(np.float32)).to(device)
            if all("encoder" in t for t in loaded) else None)
     return {"features": torch.from_numpy(feats).to(device), "ids": ids.to(device), "valid": valid.to(device),
@@ -229,14 +228,13 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     masks = {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in layers.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = np.random.default_rng([cfg.seed, stage, rank]).permutation(len(shard))
-    extractor, settings = teacher.feature_extractor(), teacher.decode
     sparsity = sparsity_of(layers)
     losses, start = [], time.perf_counter()
     model.train()
     try:
         for step in bar(range(steps), f"stage {stage} distillation", "step", enabled=progress):
             chosen = [shard[int(order[(step * cfg.batch + j) % len(shard)])] for j in range(cfg.batch)]
-            batch = make_batch(chosen, targets, extractor, settings, device)
+            batch = make_batch(chosen, targets, teacher, device)
             loss = batch_loss(net, teacher_model, batch, cfg, autocast)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, cfg)

@@ -20,6 +20,7 @@ import numpy as np
 from femtocc.errors import FemtoccError
 from femtocc.ir.formats import best_fit
 from femtocc.ir.formats.dense import DENSE
+from femtocc.ir.formats.nm import NM
 from femtocc.ir.formats.pencil import Pencil
 
 
@@ -61,13 +62,11 @@ def parse_pattern(text: str) -> Pattern:
 
 def mask_follows(mask: np.ndarray, pattern: Pattern) -> bool:
     """True when the pruned entries (``mask`` True = pruned) form whole units of ``pattern``."""
-    out, inp = mask.shape
+    kept = (~np.asarray(mask)).T  # the weights' nonzero pattern, [in, out] as the formats see it
     if pattern.kind == "pencil":
-        pencils = mask.reshape(out // pattern.m, pattern.m, inp)
-        return bool(np.all(pencils.all(axis=1) == pencils.any(axis=1)))
+        return Pencil(pattern.m).whole(kept)
     if pattern.kind == "nm":
-        kept = (~mask).reshape(out, inp // pattern.m, pattern.m).sum(axis=2)
-        return bool(np.all(kept <= pattern.n))
+        return NM(pattern.n, pattern.m).fits(kept)
     return True
 
 

@@ -14,9 +14,9 @@ the embedding lookup and the output projection shrink by ``V / V'``.
 Guarantee: the restricted model computes the same hidden states as the original on any token
 sequence of kept tokens, and its logits are the original's logits of the kept tokens
 (``restricted_logits[i] == logits[vocabulary[i]]``); greedy decoding therefore picks the same
-token whenever the original's choice is a kept token. Text is mapped back through
-``metadata["vocabulary"]`` (:meth:`WhisperBundle.text`), which ``save_bundle`` writes and
-``load_whisper`` reads back.
+token whenever the original's choice is a kept token. Ids and text are mapped back through
+``metadata["vocabulary"]`` (:meth:`WhisperBundle.original_ids`, :meth:`WhisperBundle.text`), which
+``save_bundle`` writes and ``load_whisper`` reads back.
 """
 
 from __future__ import annotations
@@ -82,26 +82,18 @@ def restrict(bundle, keep: set[int] | list[int], source: dict | None = None):
         value = getattr(out.model.config, key, None)
         if value is not None:
             setattr(out.model.config, key, index.get(int(value), index[d.eot]))
-    out.model.generation_config = copy.deepcopy(bundle.model.generation_config)
-    out.model.generation_config.suppress_tokens = [index[t] for t in d.suppress if t in index]
-    out.model.generation_config.begin_suppress_tokens = [index[t] for t in d.suppress_begin if t in index]
-    out.model.generation_config.forced_decoder_ids = None
     out.decode = DecodeSettings(
         prompt=tuple(index[t] for t in d.prompt), eot=index[d.eot],
         suppress=tuple(index[t] for t in d.suppress if t in index),
         suppress_begin=tuple(index[t] for t in d.suppress_begin if t in index),
         max_target_positions=d.max_target_positions, multilingual=d.multilingual,
     )
+    out.model.generation_config = copy.deepcopy(bundle.model.generation_config)
+    out.model.generation_config.suppress_tokens = list(out.decode.suppress)
+    out.model.generation_config.begin_suppress_tokens = list(out.decode.suppress_begin)
+    out.model.generation_config.forced_decoder_ids = None
     out.metadata = {**bundle.metadata, "vocabulary": vocabulary,
                     "vocabulary_source": {**(source or {}), "kept": len(vocabulary), "of": size}}
     digest = hashlib.sha256(f"{bundle.source_digest}:vocabulary:{vocabulary}".encode()).hexdigest()
     out.source_digest = digest  # a new model (its export and calibration caches are its own)
     return out
-
-
-def original_ids(bundle, token_ids) -> list[int]:
-    """``token_ids`` of ``bundle`` as ids of the full Whisper vocabulary."""
-    vocabulary = bundle.metadata.get("vocabulary")
-    if not vocabulary:
-        return [int(t) for t in token_ids]
-    return [int(vocabulary[int(t)]) for t in token_ids]

@@ -200,7 +200,7 @@ def test_a_padded_batch_aligns_every_windows_targets(run, tiny, train_utts):  # 
     tmp = run[0]
     windows = pack(train_utts[10:30], seed=0)[:2]
     targets = teacher_targets(tiny, windows, k=8, hidden=True, folder=tmp / "batch-targets")
-    batch = make_batch(windows, targets, tiny.feature_extractor(), tiny.decode)
+    batch = make_batch(windows, targets, tiny)
     lengths = batch["valid"].sum(1).tolist()
     assert batch["ids"].shape[0] == 2 and lengths[0] != lengths[1] and max(lengths) == batch["ids"].shape[1]
     short = int(np.argmin(lengths))

@@ -22,18 +22,18 @@ def small_folder(dev_utts, tmp_path, n=4):
 
 
 def test_restricted_logits_are_the_kept_rows_of_the_full_ones(tiny):
-    from femtocc.passes.vocabulary import original_ids, restrict
+    from femtocc.passes.vocabulary import restrict
 
     keep = {11, 13, 262, 290, 257, 318}
     small = restrict(tiny, keep)
     vocab = small.metadata["vocabulary"]
     assert vocab == sorted(keep | set(tiny.decode.prompt) | {tiny.decode.eot})
     assert small.model.config.vocab_size == len(vocab) and small.decode.eot == vocab.index(tiny.decode.eot)
-    assert original_ids(small, small.decode.prompt) == list(tiny.decode.prompt)
+    assert small.original_ids(small.decode.prompt) == list(tiny.decode.prompt)
     feats = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
     ids = [vocab.index(t) for t in (*tiny.decode.prompt, 262, 290)]
     with torch.no_grad():
-        full = tiny.model(input_features=feats, decoder_input_ids=torch.tensor([original_ids(small, ids)])).logits
+        full = tiny.model(input_features=feats, decoder_input_ids=torch.tensor([small.original_ids(ids)])).logits
         mine = small.model(input_features=feats, decoder_input_ids=torch.tensor([ids])).logits
     np.testing.assert_allclose(mine.numpy(), full[..., vocab].numpy(), rtol=1e-5, atol=1e-5)
     assert tiny.model.config.vocab_size == 51864  # the original is untouched

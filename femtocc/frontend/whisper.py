@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from femtocc.cache import atomic_dir, atomic_write, cache_root, sha256_files
+from femtocc.data import SAMPLE_RATE
 from femtocc.errors import FemtoccError
 from femtocc.frontend.ct2_format import read_model_bin
 
@@ -89,12 +90,16 @@ class WhisperBundle:
         extractor = self.__dict__.get("_extractor")
         if extractor is None:
             extractor = self.__dict__["_extractor"] = self.feature_extractor()
-        return extractor(audio, sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
+        return extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features.astype(np.float32)
+
+    def original_ids(self, token_ids) -> list[int]:
+        """``token_ids`` as ids of the tokenizer's full vocabulary (a restricted vocabulary,
+        passes/vocabulary.py, renumbers them through ``metadata["vocabulary"]``)."""
+        vocabulary = self.metadata.get("vocabulary")
+        return [int(vocabulary[int(t)]) if vocabulary else int(t) for t in token_ids]
 
     def text(self, token_ids) -> str:
-        vocabulary = self.metadata.get("vocabulary")  # a restricted vocabulary (passes/vocabulary.py)
-        ids = [int(vocabulary[int(t)]) if vocabulary else int(t) for t in token_ids]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(self.original_ids(token_ids), skip_special_tokens=True).strip()
 
     def generation_config(self):
         """A transformers ``GenerationConfig`` equal to :attr:`decode`, for ``model.generate``."""

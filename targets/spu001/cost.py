@@ -53,10 +53,20 @@ def format_costs(w_in_out: np.ndarray, bits: int, target) -> dict[str, dict]:
     return {fmt.name: format_cost(fmt, w_in_out, bits, target) for fmt in storage_formats(target) if fmt.fits(w_in_out)}
 
 
+def stored_format(const):
+    """The storage format a weight constant's type names (dense when it names none)."""
+    return parse_format(const.type.encoding) if const.type.encoding else DENSE
+
+
+def stored_bytes(const, target) -> int:
+    """Bytes of a weight constant as its type says it is stored."""
+    return stored_format(const).nbytes(const.data, weight_bits(const), target.assumptions.pencil_index_bits)
+
+
 def weight_cost(const, target) -> dict:
     """A weight constant as its type says it is stored: ``{format, bytes, cycles_per_row}`` and the
     ``dense_bytes`` / ``dense_cycles_per_row`` it would take dense."""
-    fmt = parse_format(const.type.encoding) if const.type.encoding else DENSE
+    fmt = stored_format(const)
     bits = weight_bits(const)
     mine, dense = format_cost(fmt, const.data, bits, target), format_cost(DENSE, const.data, bits, target)
     return {"format": fmt.name, **mine, "dense_bytes": dense["bytes"], "dense_cycles_per_row": dense["cycles_per_row"]}
@@ -87,9 +97,9 @@ def linear_layer_costs(graph, target, tokens: int = 1, cached: int = 0) -> dict[
         act_bytes = 1 if x.type.dtype == "i8" else 2
         rows = _bound(x.type.shape[:-1], binding)
         k, n = w.data.shape
-        fmt = parse_format(w.type.encoding) if w.type.encoding else DENSE
+        fmt = stored_format(w)
         macs = rows * fmt.macs_per_row(w.data)
-        weight_bytes = weight_cost(w, target)["bytes"]
+        weight_bytes = stored_bytes(w, target)
         read = [rows * k * act_bytes, weight_bytes, 8 * n, 8 * n]
         written = rows * n * act_bytes
         words_read = sum(math.ceil(b / word) for b in read)
@@ -118,7 +128,7 @@ def bytes_vs_sparsity(graphs: dict, target) -> dict:
     pencil layer at sparsity s keeps ceil((1 - s) * pencils) pencils, whichever method chose them),
     and the first sparsity at which the encoder's weights fit the SRAM."""
     h = target.facts.pencil
-    word = Pencil(h).nbytes(np.ones((1, h)), 8, target.assumptions.pencil_index_bits)  # bytes per stored pencil
+    word = Pencil(h).word_bytes(8, target.assumptions.pencil_index_bits)
     rows, resident_from = [], None
     for s in SPARSITY_GRID:
         row = {"sparsity": s}

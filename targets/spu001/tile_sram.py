@@ -1,6 +1,6 @@
 """tile-sram: place every tensor of a graph in the target's SRAM, or stream it from external memory.
 
-Model (see docs/spu001.md): the two cores split every layer by output channels, so each core
+Model (see docs/spu001.md): the target's cores split every layer by output channels, so each core
 holds its share of each activation and of each weight (rounded up to whole SRAM words of the
 description's ``sram_word_bits``).
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 from femtocc.errors import FemtoccError
 from femtocc.ir import dims
 from femtocc.passes.manager import Pass, register
-from femtocc.targets.spu001.cost import weight_cost
+from femtocc.targets.spu001.cost import stored_bytes
 
 
 def _bind(shape, binding: dict[str, int], name: str) -> int:
@@ -149,7 +149,7 @@ class TileSram(Pass):
         resident = streamed = 0
         address = act_high
         budget = free_words - buffer_words
-        sizes = {id(c): weight_cost(c, target)["bytes"] for c in weights.values()}
+        sizes = {id(c): stored_bytes(c, target) for c in weights.values()}
         for const in sorted(weights.values(), key=lambda c: -sizes[id(c)]):
             total = sizes[id(const)]
             per_core = _words(-(-total // cores))

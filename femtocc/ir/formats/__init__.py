@@ -1,7 +1,7 @@
 """Storage formats of a weight matrix: the sparse encoding a tensor type carries.
 
-A format is the text after ``#`` in a type (``i8[384, 1536] #pencil8``) and one module here that
-knows, for a weight stored ``[in, out]`` (the IR's ``dense`` orientation):
+A format is the text in angle brackets after a type (``i8[384, 1536]<pencil8>``) and one module
+here that knows, for a weight stored ``[in, out]`` (the IR's ``dense`` orientation):
 
 * ``fits(w)``: whether ``w`` can be stored in the format exactly (``dense``: always; ``pencilH``:
   a multiple of ``H`` outputs; ``N:M``: at most ``N`` nonzeros in every ``M`` consecutive inputs of

@@ -53,8 +53,12 @@ class Pencil:
         decode = pencils * target.assumptions.pencil_decode_cycles // max(target.facts.cores, 1)
         return lane_cycles(pencils * self.height, target) + decode
 
+    def word_bytes(self, bits: int, index_bits: int = 16) -> int:
+        """Bytes one stored pencil costs: its ``H`` weights and its input index."""
+        return weight_bytes(self.height, bits) + index_bits // 8
+
     def nbytes(self, w_in_out: np.ndarray, bits: int, index_bits: int = 16) -> int:
-        return self.pencils(w_in_out) * (weight_bytes(self.height, bits) + index_bits // 8)
+        return self.pencils(w_in_out) * self.word_bytes(bits, index_bits)
 
     def encode(self, q: np.ndarray, bits: int) -> bytes:
         n_in, n_out = q.shape
