@@ -4,7 +4,7 @@
 
 ``BUILD`` comes from ``femtocc compile ... --save-ir`` (its ``ir/*.fir`` are what the analytical
 counter, ``targets/spu001/cost.py``, reads). The encoder and cross K/V run on one real utterance and
-the decoder step on the prompt, zero-activation skipping off (the analytical counter assumes dense
+the decoder step on the prompt, in every context bucket of the build, zero-activation skipping off (the analytical counter assumes dense
 activations); MACs, SRAM words and cycles must agree within 8 % on every layer.
 """
 
@@ -40,27 +40,34 @@ def main() -> int:
     manifest = json.loads((build / "build.json").read_text())
     target = load_target()
     bundle = load_whisper(manifest["model"])
-    sink: list = []
-    run = {w: SimRuntime((build / p).read_bytes(), target, w, {"skip_zero_activations": 0}).runner(sink)
-           for w, p in manifest["programs"].items()}
+    from femtocc.frontend.onnx_export import WINDOW_S, bucket_name, split_name
 
     utt = load_dataset(args.data)[0]
-    enc = run["encoder"]({"input_features": bundle.features(utt.audio())})["encoder_hidden_states"]
-    cross = run["cross_kv"]({"encoder_hidden_states": enc})
     prompt = list(bundle.decode.prompt)
     cfg = bundle.config
     empty = np.zeros((1, cfg.decoder_attention_heads, 0, cfg.d_model // cfg.decoder_attention_heads), np.float32)
-    run["decoder_step"]({"input_ids": np.array([prompt], np.int64), **cross,
-                         **{f"past_{t}.{i}": empty for i in range(cfg.decoder_layers) for t in "kv"}})
-    measured = {const: row for stats in sink for (op, _, const, _), row in zip(stats.instructions, stats.rows) if op == "qdense"}
+    measured = {}
+    for b in manifest.get("buckets", [WINDOW_S]):  # every context bucket's programs
+        sink: list = []
+        run = {w: SimRuntime((build / manifest["programs"][bucket_name(w, b)]).read_bytes(), target, bucket_name(w, b),
+                             {"skip_zero_activations": 0}).runner(sink)
+               for w in ("encoder", "cross_kv", "decoder_step")}
+        feats = bundle.features(utt.audio())[:, :, : 2 * cfg.max_source_positions * b // WINDOW_S]
+        enc = run["encoder"]({"input_features": np.ascontiguousarray(feats)})["encoder_hidden_states"]
+        cross = run["cross_kv"]({"encoder_hidden_states": enc})
+        run["decoder_step"]({"input_ids": np.array([prompt], np.int64), **cross,
+                             **{f"past_{t}.{i}": empty for i in range(cfg.decoder_layers) for t in "kv"}})
+        measured.update({(stats.graph, const): row for stats in sink
+                         for (op, _, const, _), row in zip(stats.instructions, stats.rows) if op == "qdense"})
 
     predicted = {}
     for w in manifest["programs"]:
-        predicted.update(linear_layer_costs(load(build / "ir" / f"{w}.fir"), target, tokens=len(prompt) if w == "decoder_step" else 1))
+        tokens = len(prompt) if split_name(w)[0] == "decoder_step" else 1
+        predicted.update({(w, k): v for k, v in linear_layer_costs(load(build / "ir" / f"{w}.fir"), target, tokens=tokens).items()})
     rows, worst = [], {k: 0.0 for k in KEYS}
-    for name, p in predicted.items():
-        s = measured[name]
-        row = {"layer": name.removesuffix(".q")}
+    for (graph, name), p in predicted.items():
+        s = measured[graph, name]
+        row = {"graph": graph, "layer": name.removesuffix(".q")}
         for k in KEYS:
             dev = abs(s[k] - p[k]) / max(p[k], 1)
             row[k] = {"simulated": s[k], "analytical": p[k], "deviation": dev}

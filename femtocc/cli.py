@@ -54,6 +54,19 @@ def pattern(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def buckets(text: str) -> tuple:
+    from femtocc.frontend.onnx_export import parse_buckets
+
+    try:
+        return parse_buckets(text, "")
+    except FemtoccError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
+BUCKETS_HELP = ("encoder context buckets in seconds, e.g. 10,30 (must include 30): each window is encoded "
+                "in the smallest bucket that holds its audio (default 30: Whisper's full window)")
+
+
 def _add_pipeline_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--pipeline", default=default, help=f"pass pipeline, e.g. 'canonicalize,fold-gelu' (default: {default!r})")
     p.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
@@ -111,7 +124,7 @@ def _check_json(option: str | None) -> Path | None:
 
 
 def cmd_import(args) -> int:
-    from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper, load_onnx
+    from femtocc.frontend.onnx_export import export_whisper, load_onnx
     from femtocc.frontend.onnx_ir import import_onnx
     from femtocc.frontend.whisper import load_whisper
     from femtocc.ir import save
@@ -123,14 +136,14 @@ def cmd_import(args) -> int:
     bundle = load_whisper(args.model)
     lines = []
     with atomic_dir(out) as tmp:
-        paths = export_whisper(bundle, tmp)
-        for which in GRAPH_NAMES:
+        paths = export_whisper(bundle, tmp, buckets=args.buckets)
+        for which in paths:
             graph = manager.run(import_onnx(load_onnx(paths[which]), which))
             save(graph, tmp / f"{which}.fir")
             lines.append(f"wrote {out / which}.onnx and {out / which}.fir ({len(graph.nodes)} nodes, "
                          f"{graph.parameter_count():,} parameters)")
         (tmp / "femtocc-import.json").write_text(json.dumps(
-            {"format": "femtocc-import/1", "model": args.model, "graphs": list(GRAPH_NAMES),
+            {"format": "femtocc-import/1", "model": args.model, "graphs": list(paths), "buckets": list(args.buckets),
              "pipeline": args.pipeline}, indent=1))
     print("\n".join(lines))
     if manager.records:
@@ -150,12 +163,38 @@ def load_graph(path: Path):
     return load(path)
 
 
+def show_build(path: Path) -> int:
+    """A build folder: its model, target, quantization, and each bucket's programs with their input
+    shapes, sizes and predicted cycles (from report.json)."""
+    from femtocc.decode import read_build
+    from femtocc.frontend.onnx_export import split_name
+    from femtocc.runtime.program import Program, format_dim
+
+    manifest, data = read_build(path)
+    totals = {}
+    if (path / "report.json").is_file():
+        totals = json.loads((path / "report.json").read_text()).get("totals", {})
+    print(f"// build {path}: {manifest['model']} for {manifest['target']}, {manifest['quant']}, "
+          f"buckets {', '.join(f'{b} s' for b in manifest.get('buckets', [30]))}")
+    for name, blob in data.items():
+        prog = Program.from_bytes(blob, name, validate=False)
+        ins = ", ".join(f"{b.name}: {b.dtype}[{', '.join(format_dim(d) for d in b.shape)}]"
+                        for b in prog.buffers if b.region == "input"
+                        and (not b.name.startswith(("past_", "cross_")) or b.name.startswith("cross_k.0")))
+        cycles = totals.get(name, {}).get("predicted_cycles")
+        print(f"{split_name(name)[1]:>3} s  {name:<17} {len(blob) / 2**20:7.2f} MiB  "
+              + (f"{cycles / 1e6:8.1f} Mcycles  " if cycles is not None else "") + ins)
+    return 0
+
+
 def cmd_show(args) -> int:
     from femtocc.ir import print_graph
 
     path = Path(args.file)
     if not path.exists():
         raise FemtoccError(f"{path}: no such file")
+    if path.is_dir():
+        return show_build(path)
     if path.suffix == ".spu":
         from femtocc.runtime.reference import load_program
 
@@ -201,7 +240,8 @@ def cmd_eval(args) -> int:
     json_path = _check_json(args.json)
     utts = _utterances(args)
     bundle = load_whisper(args.model)
-    backend = make_backend(bundle, args.backend, manager=_manager(args) if args.backend == "ir" else None)
+    backend = make_backend(bundle, args.backend, manager=_manager(args) if args.backend == "ir" else None,
+                           buckets=args.buckets)
     transcripts = transcribe(bundle, backend, utts, progress=not args.quiet)
     report = score(transcripts, dense_reference(bundle, utts))
     if bundle.metadata.get("pruning"):
@@ -329,6 +369,11 @@ def _cmd_recover(args) -> int:
         raise FemtoccError("--final-steps, --warmup and --val-limit must be >= 0 and --lr > 0")
     if min(args.kl_weight, args.hidden_weight, args.block_weight) < 0:
         raise FemtoccError("--kl-weight, --hidden-weight and --block-weight must be >= 0")
+    if args.context > 30:
+        raise FemtoccError(f"--context {args.context}: Whisper's window is 30 s; give 1 to 30")
+    if args.context < 30 and args.block_weight:
+        raise FemtoccError(f"--context {args.context}: a shorter context than 30 s matches the encoder output only; "
+                           "give --block-weight 0")
     if args.keep == "best" and args.val_limit == 0:
         raise FemtoccError("--keep best chooses by the held-back WER; it needs --val-limit above 0")
     rank, world, device = distributed.init_from_env(args.device)
@@ -345,13 +390,22 @@ def _cmd_recover(args) -> int:
     if bundle.metadata.get("vocabulary") != teacher.metadata.get("vocabulary"):
         raise FemtoccError(f"{args.model} and its teacher {teacher_name} have different vocabularies; distil the "
                            "full-vocabulary model, then restrict it (--vocabulary-from)")
-    windows = pack(train, seed=args.seed)
     talk = not args.quiet and rank == 0
+    if args.context < 30:
+        from femtocc.train_data import duration_s
+
+        fits = [u for u in train if duration_s(u) <= args.context]
+        if not fits:
+            raise FemtoccError(f"--context {args.context}: no clip of {args.train} is that short")
+        if talk:
+            print(f"--context {args.context}: {len(fits)} of {len(train)} training clips fit; the others are left out")
+        train = fits
+    windows = pack(train, seed=args.seed, window_s=args.context)
     targets = teacher_targets(teacher, windows, k=args.top_k, hidden=args.hidden_weight > 0, progress=talk)
     cfg = RecoverConfig(sparsities, args.pattern, args.steps_per_stage, args.final_steps, args.batch, args.lr,
                         args.warmup, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
                         block_weight=args.block_weight, precision=args.precision, seed=args.seed, layers=args.layers,
-                        groups=groups)
+                        groups=groups, context_s=args.context)
     work = out.with_name(out.name + ".recovery")
     student, report = recover(teacher, cfg, windows, targets, calib, work, resume=args.resume, progress=talk,
                               val=val, device=device, student=bundle)
@@ -368,7 +422,8 @@ def _cmd_recover(args) -> int:
     report.update({"command": "femtocc " + " ".join(sys.argv[1:]), "schedule": plain[0], "teacher": teacher_name,
                    "start": args.model,
                    "group_schedules": [text for text in args.schedule if "@" in text],
-                   "data": {"train": str(args.train), **packing_stats(windows), "calibration": str(args.calib),
+                   "data": {"train": str(args.train), **packing_stats(windows, args.context), "context_s": args.context,
+                            "calibration": str(args.calib),
                             "calibration_utterances": len(calib), "validation": str(args.val),
                             "validation_utterances": len(val), "validation_split": "calib"},
                    "seconds": round(time.perf_counter() - start, 1), "device": device, "processes": world})
@@ -396,13 +451,14 @@ def cmd_compile(args) -> int:
         force=args.force,
         quant=args.quant, weight_quant=args.weight_quant, calib=args.calib, calib_limit=args.calib_limit,
         range_limit=args.range_limit, print_ir_after_all=args.print_ir_after_all, print_ir_after=tuple(args.print_ir_after),
-        save_ir=args.save_ir, progress=not args.quiet, log=sys.stderr,
+        save_ir=args.save_ir, progress=not args.quiet, log=sys.stderr, buckets=args.buckets, vocab_bits=args.vocab_bits or 0,
     )
     if args.target != "spu001":
         raise FemtoccError(f"--target {args.target!r}: the only target is spu001 (a variant is --target-file FILE.toml)")
     report = compile_model(opts)
     print_report(report, sys.stdout)
-    print(f"wrote {args.output}/ (encoder.spu, cross_kv.spu, decoder_step.spu, build.json, report.json, report.png) "
+    programs = ", ".join(f"{w}.spu" for w in report["totals"])
+    print(f"wrote {args.output}/ ({programs}, build.json, report.json, report.png) "
           f"in {report['stages_s']['total']:.1f} s")
     return 0
 
@@ -451,6 +507,43 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from femtocc import sweep
+
+    if args.report:
+        if args.grid or args.output:
+            raise FemtoccError("--report DIR draws a finished sweep; give it alone")
+        result = sweep.report(args.report)
+        for axis in result["axes"]:
+            front = [r for r in result["records"] if r["id"] in result["fronts"][axis]]
+            print(f"front of WER against {axis}: " + ", ".join(
+                f"{r['wer']:.2f} @ {r[axis]:.3g} ({r['strategy']})" for r in sorted(front, key=lambda r: r[axis])))
+        print(f"{result['points']} points ({result['failed']} failed); wrote {args.report}/pareto.json and pareto.png")
+        return 0
+    if not args.grid or not args.output:
+        raise FemtoccError("give a grid file and -o DIR (or --report DIR)")
+    settings, points = sweep.load_grid(args.grid)
+    if args.dry_run:
+        for p in points:
+            cmds = sweep.commands(p, settings, Path(args.output) / "points" / p["id"])
+            print(f"{p['id']}  {p['name']}: " + " && ".join("femtocc " + " ".join(c) for c in cmds))
+        print(f"{len(points)} points")
+        return 0
+
+    def progress(record, i, n):
+        if args.quiet:
+            return
+        what = (f"WER {record['wer']:.2f}, {record['weight_bytes'] / 2**20:.2f} MiB" if record["status"] == "done"
+                else f"FAILED in {record['failed_command']}: {record['error']}")
+        print(f"[{i}/{n}] {record['id']} {record['strategy']}: {what} ({record.get('seconds', 0):.0f} s)", flush=True)
+
+    summary = sweep.run_sweep(args.grid, args.output, args.workers, args.ray, args.ray_cpus, args.ray_memory_gb,
+                              args.ray_gpus, progress)
+    print(f"{summary['points']} points: {summary['skipped']} already done, {summary['ran']} run "
+          f"({summary['failed']} failed) in {summary['seconds']:.0f} s; records in {args.output}/{sweep.RECORDS}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -471,11 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(opset 18) and write each as femtocc IR text (.fir) with its weights.")
     p.add_argument("model", help="whisper-tiny.en, whisper-base, a local folder or a hub id")
     p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--buckets", type=buckets, default=(30,), help=BUCKETS_HELP + "; the graphs of every bucket")
     _force_arg(p, "an import")
     _add_pipeline_args(p, DEFAULT_PIPELINE)
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("show", help="print the IR of an .onnx or .fir file with op and parameter counts")
+    p = sub.add_parser("show", help="print the IR of an .onnx or .fir file with op and parameter counts, "
+                                    "a .spu program's disassembly, or a build folder's programs")
     p.add_argument("file")
     p.add_argument("--summary", action="store_true", help="only the counts, not the IR")
     _add_pipeline_args(p, "")
@@ -488,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pruned model came from).")
     p.add_argument("model")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--buckets", type=buckets, default=(30,), help=BUCKETS_HELP)
     p.add_argument("--json", metavar="OUT", help="write per-utterance results to OUT (default: none written)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _data_args(p)
@@ -555,6 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: forward and backward under autocast, fp32 weights (1.9x faster on CPUs with AMX)")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where distillation runs (under torchrun: gloo on cpu, NCCL on cuda)")
+    r.add_argument("--context", type=positive_int, default=30, metavar="S",
+                   help="the student's encoder context in seconds, the bucket it will run in (compile --buckets S,30): "
+                        "windows are packed to S seconds, the student encodes only them, the teacher the full 30-s "
+                        "window; training clips longer than S are left out (default 30)")
     r.add_argument("--top-k", type=positive_int, default=16, help="teacher log-probs kept per position (default 16)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue from the last stage saved in OUT.recovery/")
@@ -588,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=DEFAULT_DATA, help="calibration speech (its speaker-disjoint calibration part is used)")
     p.add_argument("--calib-limit", type=positive_int, default=32, help="calibration utterances (default 32)")
     p.add_argument("--range-limit", type=positive_int, default=None, help="of those, how many set activation ranges (default all)")
+    p.add_argument("--buckets", type=buckets, default=(30,), help=BUCKETS_HELP + "; one set of programs per bucket")
+    p.add_argument("--vocab-bits", type=int, choices=(4, 8), default=None,
+                   help="precision of the token table, the embedding and the output projection tied to it (default: "
+                        "int8, or --quant's weight bits for an untied projection); 4 halves what each decoder step streams")
     p.add_argument("-o", "--output", required=True, help="build folder")
     _force_arg(p, "a build")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -610,6 +714,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _data_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="explore a grid of builds (prune, compile, run) to a WER / cost Pareto front",
+                       description="Run every point of GRID.toml (see femtocc.sweep) not yet done in DIR, appending "
+                                   "each record to DIR/points.jsonl; or, with --report DIR, draw the Pareto front of "
+                                   "WER against each cost axis (DIR/pareto.json, DIR/pareto.png).")
+    p.add_argument("grid", nargs="?", help="the grid file (TOML)")
+    p.add_argument("-o", "--output", help="the sweep folder (created, or continued)")
+    p.add_argument("--report", metavar="DIR", help="compute and draw the Pareto front of a sweep folder")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="points run at once on this machine (each point's processes one thread each; default 1)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run every point as a Ray task: on the cluster at ADDRESS, or on a Ray instance started "
+                        "here when no address is given (needs femtocc[ray])")
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs per Ray task (default 1)")
+    p.add_argument("--ray-memory-gb", type=float, default=6.0, help="memory per Ray task in GiB (default 6)")
+    p.add_argument("--ray-gpus", type=float, default=0.0, help="GPUs per Ray task (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="list the points and their commands, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no line per finished point")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -14,7 +14,11 @@ Stages, each timed:
 6. ``codegen``: the programs, written atomically with ``build.json`` (manifest and report).
 
 ``BUILD/`` then holds ``encoder.spu``, ``cross_kv.spu``, ``decoder_step.spu``, ``build.json``,
-``report.json`` and ``report.png``; ``femtocc run BUILD`` transcribes with it.
+``report.json`` and ``report.png``; ``femtocc run BUILD`` transcribes with it. With context buckets
+(``--buckets 10,30``) it also holds ``encoder@10s.spu``, ``cross_kv@10s.spu`` and
+``decoder_step@10s.spu``: the same weights for a 10-s context (each program's header names its
+bucket, its shapes are the bucket's), calibrated on every calibration utterance cut to 10 s; a run
+encodes each window in the smallest bucket that holds it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class CompileOptions:
     print_ir_after_all: bool = False
     print_ir_after: tuple = ()
     save_ir: bool = False  # also write BUILD/ir/*.fir: the final IR each program was generated from
+    vocab_bits: int = 0  # the token table (embedding + tied output projection): 4, 8, or 0 (as before)
+    buckets: tuple = (30,)  # encoder context buckets in seconds (see femtocc.frontend.onnx_export)
     force: bool = False  # replace ``output`` even when it is not an earlier build
     progress: bool = True
     log: object = None  # a writable stream for stage lines
@@ -103,7 +109,7 @@ def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
 def compile_model(opts: CompileOptions) -> dict:
     from femtocc.cache import atomic_dir, check_output_dir
     from femtocc.data import load_dataset, split_by_speaker
-    from femtocc.frontend.onnx_export import GRAPH_NAMES, export_whisper, load_onnx
+    from femtocc.frontend.onnx_export import bucket_names, export_whisper, load_onnx, parse_buckets, split_name
     from femtocc.frontend.onnx_ir import import_onnx
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes import PassManager, pipeline
@@ -116,8 +122,11 @@ def compile_model(opts: CompileOptions) -> dict:
         raise FemtoccError(f"--quant {opts.quant!r}: choose from {', '.join(QUANT)}")
     if opts.weight_quant not in ("round", "gptq"):
         raise FemtoccError(f"--weight-quant {opts.weight_quant!r}: choose round or gptq")
+    if opts.vocab_bits not in (0, 4, 8):
+        raise FemtoccError(f"--vocab-bits {opts.vocab_bits}: choose 4 or 8")
     if opts.calib_limit < 1:
         raise FemtoccError("--calib-limit must be at least 1")
+    buckets = parse_buckets(opts.buckets)
     check_output_dir(opts.output, "build", opts.force)
     target = load_target(opts.target)
     wbits, abits = QUANT[opts.quant]
@@ -153,10 +162,10 @@ def compile_model(opts: CompileOptions) -> dict:
             model.model = copy.deepcopy(bundle.model)
         scales = gptq_weights(model, calib, tokens, wbits, opts.progress)
         t = _stage(opts, "gptq", t, f"{len(scales)} layers rounded with error compensation")
-    paths = export_whisper(bundle, None)
+    paths = export_whisper(bundle, None, buckets=buckets)
     print_opts = {"print_after_all": opts.print_ir_after_all, "print_after": opts.print_ir_after}
     float_pm = PassManager.parse(pipeline("lowered"), **print_opts)
-    graphs = {w: float_pm.run(import_onnx(load_onnx(paths[w]), w)) for w in GRAPH_NAMES}
+    graphs = {w: float_pm.run(import_onnx(load_onnx(paths[w]), w)) for w in bucket_names(buckets)}
     replaced = put_weights(graphs, model.model, scales) if model is not bundle else 0
     if model is not bundle:
         for g in graphs.values():
@@ -175,7 +184,7 @@ def compile_model(opts: CompileOptions) -> dict:
     stage_of = {"quantize": "quantize", "select-layout": "layout", "tile-sram": "tile"}
     for w, g in graphs.items():
         spec = pipeline("spu001", target=opts.target, weight_bits=wbits, act_bits=abits,
-                        tokens=prompt if w == "decoder_step" else 1)
+                        tokens=prompt if split_name(w)[0] == "decoder_step" else 1, vocab_bits=opts.vocab_bits)
         m = PassManager.parse(spec, **print_opts)
         m.run(g)
         for r in m.records:
@@ -196,7 +205,9 @@ def compile_model(opts: CompileOptions) -> dict:
         "target": target.name,
         "target_file": str(Path(target.source).resolve()) if opts.target else None,
         "quant": opts.quant,
+        "vocab_bits": opts.vocab_bits or 8,  # the token table's (embedding and, when tied, output projection)
         "pruning": prune_report and {k: v for k, v in prune_report.items() if k != "layers"},
+        "buckets": list(buckets),
         "programs": {w: f"{w}.spu" for w in programs},
         "calibration_utterances": len(calib),
     }
@@ -291,10 +302,10 @@ def plot_report(report: dict, path: Path) -> None:
 
 
 def print_report(report: dict, out) -> None:
-    print(f"{'graph':<13}{'layer':<40}{'shape':>11}{'sparsity':>9}{'format':>9}{'KiB':>9}{'dense KiB':>10}"
+    print(f"{'graph':<17}{'layer':<40}{'shape':>11}{'sparsity':>9}{'format':>9}{'KiB':>9}{'dense KiB':>10}"
           f"{'where':>8}{'Mcycles':>9}", file=out)
     for r in report["layers"]:
-        print(f"{r['graph']:<13}{r['layer'][:39]:<40}{'x'.join(map(str, r['shape'])):>11}{r['sparsity']:>9.3f}"
+        print(f"{r['graph']:<17}{r['layer'][:39]:<40}{'x'.join(map(str, r['shape'])):>11}{r['sparsity']:>9.3f}"
               f"{r['format']:>9}{r['bytes'] / 1024:>9.1f}{r['dense_bytes'] / 1024:>10.1f}{r['placement'] or '-':>8}"
               f"{r['cycles'] / 1e6:>9.3f}", file=out)
     pattern = report["weight_bytes_vs_sparsity"]["pattern"]

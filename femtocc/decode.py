@@ -35,7 +35,19 @@ class Session(Protocol):
 class Backend(Protocol):
     name: str
 
-    def start(self, features: np.ndarray) -> Session: ...
+    def start(self, features: np.ndarray, seconds: float | None = None) -> Session:
+        """A session on 30 s of log-mel ``features`` that hold ``seconds`` of audio (None: all
+        30); a backend with context buckets encodes only the smallest bucket that holds them."""
+        ...
+
+
+def choose_bucket(seconds: float | None, buckets) -> int:
+    """The smallest context bucket (seconds) that holds ``seconds`` of audio; the largest when
+    ``seconds`` is None or longer than all."""
+    for b in sorted(buckets):
+        if seconds is not None and seconds <= b:
+            return b
+    return max(buckets)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -46,14 +58,20 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle):
-        self.model = bundle.model
+    def __init__(self, bundle, buckets=(30,)):
+        from femtocc.frontend.onnx_export import WINDOW_S, bucket_name, graph_modules
 
-    def start(self, features):
+        self.model, self.buckets = bundle.model, tuple(buckets)
+        self.per_s = bundle.config.max_source_positions // WINDOW_S
+        mods = graph_modules(bundle, self.buckets)
+        self.encoders = {b: mods[bucket_name("encoder", b)] for b in self.buckets}
+
+    def start(self, features, seconds=None):
         import torch
 
+        b = choose_bucket(seconds, self.buckets)
         with torch.no_grad():
-            enc = self.model.model.encoder(torch.from_numpy(features)).last_hidden_state
+            enc = self.encoders[b](torch.from_numpy(np.ascontiguousarray(features[:, :, : 2 * self.per_s * b])))
         return self.session(enc)
 
     def session(self, encoder_output):
@@ -85,20 +103,35 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 class GraphBackend:
-    """Runs the three exported graphs (encoder, cross K/V, decoder step) with any graph runner."""
+    """Runs the three exported graphs (encoder, cross K/V, decoder step) with any graph runner.
+
+    ``runners`` holds the graphs of one or more context buckets (``encoder``, ``encoder@10s``,
+    ...; see :mod:`femtocc.frontend.onnx_export`); each window runs in the smallest bucket that
+    holds its audio, its features cut to that bucket."""
 
     def __init__(self, name: str, runners: dict[str, Runner], config):
+        from femtocc.frontend.onnx_export import GRAPH_NAMES, bucket_name, split_name
+
         self.name, self.runners = name, runners
         self.n_layers = config.decoder_layers
         self.heads = config.decoder_attention_heads
         self.head_dim = config.d_model // self.heads
+        self.mel_per_s = 2 * config.max_source_positions // 30
+        self.buckets = tuple(sorted({split_name(w)[1] for w in runners}))
+        self.graphs = {b: [bucket_name(w, b) for w in GRAPH_NAMES] for b in self.buckets}
+        for b, names in self.graphs.items():
+            if any(n not in runners for n in names):
+                raise FemtoccError(f"{name}: bucket {b} s needs the graphs {', '.join(names)}")
 
-    def start(self, features):
-        enc = self.runners["encoder"]({"input_features": features})["encoder_hidden_states"]
-        cross = self.runners["cross_kv"]({"encoder_hidden_states": enc})
+    def start(self, features, seconds=None):
+        b = choose_bucket(seconds, self.buckets)
+        encoder, cross_kv, step = (self.runners[n] for n in self.graphs[b])
+        features = np.ascontiguousarray(features[:, :, : self.mel_per_s * b])
+        enc = encoder({"input_features": features})["encoder_hidden_states"]
+        cross = cross_kv({"encoder_hidden_states": enc})
         empty = np.zeros((1, self.heads, 0, self.head_dim), np.float32)
         past = {f"past_{t}.{i}": empty for i in range(self.n_layers) for t in "kv"}
-        return _GraphSession(self.runners["decoder_step"], past, cross)
+        return _GraphSession(step, past, cross)
 
 
 class _GraphSession:
@@ -126,7 +159,7 @@ def ort_runner(path) -> Runner:
     return lambda feeds: dict(zip(names, sess.run(None, feeds)))
 
 
-def torch_graph_backend(bundle) -> GraphBackend:
+def torch_graph_backend(bundle, buckets=(30,)) -> GraphBackend:
     """The exported graphs' torch modules run eagerly: same math as the ONNX graphs, no export, and
     forward hooks on the model's layers fire (calibration uses this)."""
     import torch
@@ -142,8 +175,8 @@ def torch_graph_backend(bundle) -> GraphBackend:
 
         return run
 
-    sigs = graph_signatures(bundle.config)
-    runners = {w: runner(m, *sigs[w]) for w, m in graph_modules(bundle).items()}
+    sigs = graph_signatures(bundle.config, buckets)
+    runners = {w: runner(m, *sigs[w]) for w, m in graph_modules(bundle, buckets).items()}
     return GraphBackend("torch-graphs", runners, bundle.config)
 
 
@@ -174,7 +207,7 @@ def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
     from pathlib import Path
 
     from femtocc.compile import QUANT
-    from femtocc.frontend.onnx_export import GRAPH_NAMES
+    from femtocc.frontend.onnx_export import bucket_names, parse_buckets
     from femtocc.runtime.program import VERSION, Program
 
     build = Path(build_dir)
@@ -194,12 +227,13 @@ def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
         raise FemtoccError(f"{path}: format {manifest['format']!r}, this femtocc reads femtocc-build/{VERSION}")
     if manifest["quant"] not in QUANT:
         raise FemtoccError(f"{path}: quant {manifest['quant']!r} is not one of {', '.join(QUANT)}")
+    names = bucket_names(parse_buckets(manifest.get("buckets", [30]), f"{path}: buckets"))
     programs = manifest["programs"]
-    if not isinstance(programs, dict) or any(not isinstance(programs.get(w), str) for w in GRAPH_NAMES):
-        raise FemtoccError(f"{path}: programs must name a file for each of {', '.join(GRAPH_NAMES)}")
+    if not isinstance(programs, dict) or any(not isinstance(programs.get(w), str) for w in names):
+        raise FemtoccError(f"{path}: programs must name a file for each of {', '.join(names)}")
     root = build.resolve()
     data = {}
-    for w in GRAPH_NAMES:
+    for w in names:
         file = (build / programs[w]).resolve()
         if root not in file.parents:
             raise FemtoccError(f"{path}: programs.{w} = {programs[w]!r} is outside the build folder")
@@ -208,7 +242,12 @@ def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
         except OSError as e:
             raise FemtoccError(f"{file}: cannot read ({e.strerror})") from None
         head = Program.from_bytes(data[w], str(file), validate=False)
-        bits = {b.bits for b in head.buffers if b.layout in ("dense", "pencil")}
+        tables = {ins.inputs[0] for ins in head.code if ins.op == "qgather" and ins.inputs}
+        bits = {b.bits for i, b in enumerate(head.buffers) if b.layout in ("dense", "pencil") and i not in tables}
+        table_bits = {head.buffers[i].bits for i in tables if i < len(head.buffers)}
+        want_table = {manifest.get("vocab_bits") or 8}  # the token table has its own precision (int8 by default)
+        if table_bits and table_bits != want_table:
+            raise FemtoccError(f"{file}: token table bits {table_bits} in the program, {want_table} in {path.name}")
         for what, found, want in (("target", head.target, manifest["target"][:16]), ("graph", head.graph, w[:16])):
             if found != want:
                 raise FemtoccError(f"{file}: {what} {found!r} in the program, {want!r} in {path.name}")
@@ -377,7 +416,7 @@ def transcribe(bundle, backend: Backend, utts: list[Utterance], progress: bool =
         tokens, texts, hit = [], [], False
         for a, b in windows(audio):
             if b > a and float(np.max(np.abs(audio[a:b]))) >= SILENCE_PEAK:  # silence is not decoded
-                part, cut = greedy_decode(backend.start(bundle.features(audio[a:b])), bundle.decode,
+                part, cut = greedy_decode(backend.start(bundle.features(audio[a:b]), (b - a) / SAMPLE_RATE), bundle.decode,
                                           token_limit((b - a) / SAMPLE_RATE, bundle.decode))
                 tokens += part
                 texts.append(bundle.text(part).strip())

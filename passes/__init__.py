@@ -11,7 +11,8 @@ compile``, the TVM offload) asks for them by name:
 * ``spu001``: lowered float IR -> integer, program-ready IR for the spu001 target: quantized (activation
   ranges on the values, from calibration), each weight's storage format chosen, every tensor
   placed in SRAM or external memory. Its options: ``target`` (description file), ``weight-bits``,
-  ``act-bits``, ``tokens`` and ``cached`` (the bounds of T and P for tiling).
+  ``act-bits``, ``vocab-bits`` (the token table's), ``tokens`` and ``cached`` (the bounds of T and P
+  for tiling).
 """
 
 from femtocc.passes import (  # noqa: F401  (registers every pass)
@@ -26,7 +27,7 @@ DEFAULT_PIPELINE = FLOAT
 
 
 def pipeline(name: str, target: str = "", weight_bits: int = 8, act_bits: int = 16, tokens: int = 1,
-             cached: int = 448) -> str:
+             cached: int = 448, vocab_bits: int = 0) -> str:
     """The pass pipeline text of a named pipeline (see the module docstring)."""
     if name == "float":
         return FLOAT
@@ -35,7 +36,8 @@ def pipeline(name: str, target: str = "", weight_bits: int = 8, act_bits: int = 
     if name == "spu001":
         where = [f"target={target}"] if target else []
         tile = ",".join(where + [f"tokens={tokens}", f"cached={cached}", f"act-bytes={act_bits // 8}"])
-        return f"quantize{{weight-bits={weight_bits},act-bits={act_bits}}},select-layout{{{','.join(where)}}},tile-sram{{{tile}}}"
+        vocab = f",vocab-bits={vocab_bits}" if vocab_bits else ""
+        return f"quantize{{weight-bits={weight_bits},act-bits={act_bits}{vocab}}},select-layout{{{','.join(where)}}},tile-sram{{{tile}}}"
     raise ValueError(f"unknown pipeline {name!r}; known: float, lowered, spu001")
 
 

@@ -297,7 +297,8 @@ class RangeRecorder:
 
 def collect_value_ranges(graphs: dict, bundle, utts: list[Utterance], progress: bool = False,
                          tokens: dict[str, list[int]] | None = None) -> dict[str, float]:
-    """Largest |x| of every float value of the IR graphs (encoder, cross_kv, decoder_step) on ``utts``.
+    """Largest |x| of every float value of the IR graphs (encoder, cross_kv, decoder_step, of every
+    context bucket) on ``utts``.
 
     The graphs run in the IR interpreter; the decoder step is teacher-forced on the model's
     greedy transcript of each utterance (one step over prompt + tokens, so the KV-cache inputs
@@ -309,7 +310,8 @@ def collect_value_ranges(graphs: dict, bundle, utts: list[Utterance], progress: 
     recorder = RangeRecorder()
     tokens = tokens if tokens is not None else dense_transcripts(bundle, utts)
     backend = GraphBackend("calibrate", {w: recorder.runner(g) for w, g in graphs.items()}, bundle.config)
-    for u in steps(utts, "ranges", "utt", enabled=progress):
-        session = backend.start(bundle.features(u.audio()))
-        session.step(list(bundle.decode.prompt) + list(tokens[u.id]))
+    for b in backend.buckets:  # every bucket sees every utterance, cut to the bucket if longer
+        for u in steps(utts, "ranges" if len(backend.buckets) == 1 else f"ranges {b} s", "utt", enabled=progress):
+            session = backend.start(bundle.features(u.audio()), b)
+            session.step(list(bundle.decode.prompt) + list(tokens[u.id]))
     return dict(sorted(recorder.ranges.items()))

@@ -14,7 +14,9 @@ scale ``range / qmax(act-bits)``; then, node by node:
   (A8) int32 entries, 4 KiB / 1 KiB of the 16 KiB table memory; ``layer_norm`` ->
   ``qlayer_norm`` (integer mean and variance, exact integer square root).
 * a gather from a constant 2-D table (token embedding) -> ``qgather`` (int8, per-row scales, stored
-  like a qdense weight so the output projection tied to it shares the one table);
+  like a qdense weight so the output projection tied to it shares the one table). ``vocab-bits``
+  (4 or 8; 0: as before) sets that table's precision and always ties the output projection to it:
+  ``vocab-bits=4`` halves the bytes every decoder step streams for the vocabulary projection;
   data movement (transpose, reshape, concat, slice, gather, im2col, where, ...) runs unchanged on
   integers, keeping its input's scale; operands that must share a scale get a ``requantize``.
 * float nodes whose inputs are all constant are evaluated now and become constants.
@@ -87,8 +89,9 @@ def _is_float(v) -> bool:
 
 
 class _Quantizer:
-    def __init__(self, graph, ranges: dict[str, float], weight_bits: int, act_bits: int):
+    def __init__(self, graph, ranges: dict[str, float], weight_bits: int, act_bits: int, vocab_bits: int = 0):
         self.g, self.ranges, self.wbits, self.abits = graph, ranges, weight_bits, act_bits
+        self.vbits = vocab_bits
         self.qa = qmax(act_bits)
         self.act = qdtype(act_bits)
         self.ints: dict[int, tuple] = {}  # id(float value) -> (integer value, scale)
@@ -185,7 +188,7 @@ class _Quantizer:
         xq, sx = self.operand(x, node)
         sy = self.scale(out)
         source = w.producer.inputs[0] if w.producer is not None and w.producer.op == "transpose" else None
-        if source is not None and id(source) in self.tied and self.wbits == 8:
+        if source is not None and id(source) in self.tied and (self.vbits or self.wbits == 8):
             c_w, sw = self.tied[id(source)]  # the output projection tied to the token embedding: one table
             wq = c_w.data
         else:
@@ -283,10 +286,11 @@ class _Quantizer:
         if table is None or table.ndim != 2 or node.attrs.get("axis", 0) != 0:
             return self.op_move(node, out)
         sy = self.scale(out)
-        q, row_scale = quantize_weight(table.T, 8)  # [dim, rows]: a qdense weight's layout, shared if tied
-        c_q = self.g.add_constant(node.inputs[0].name + ".q", q, attrs={"quant": {"bits": 8, "axis": 1, "scheme": "symmetric-per-channel"}})
+        bits = self.vbits or 8
+        q, row_scale = quantize_weight(table.T, bits)  # [dim, rows]: a qdense weight's layout, shared if tied
+        c_q = self.g.add_constant(node.inputs[0].name + ".q", q, attrs={"quant": {"bits": bits, "axis": 1, "scheme": "symmetric-per-channel"}})
         self.tied[id(node.inputs[0])] = (c_q, row_scale)
-        mult, shift = requant_multipliers(row_scale.astype(np.float64) / sy, 2.0**7)
+        mult, shift = requant_multipliers(row_scale.astype(np.float64) / sy, 2.0 ** (bits - 1))
         inputs = [c_q, self.const(node.inputs[0].name + ".multiplier", mult), node.inputs[1]]
         return self.node("qgather", inputs, {"shift": shift, "bits": self.abits, "y_scale": sy}, out, node), sy
 
@@ -321,10 +325,13 @@ class Quantize(Pass):
     ranges: str = ""
     weight_bits: int = 8
     act_bits: int = 16
+    vocab_bits: int = 0  # the token table (embedding and tied output projection): 4, 8, or 0 (as before)
 
     def run(self, graph):
         if self.weight_bits not in (4, 8) or self.act_bits not in (8, 16):
             raise FemtoccError(f"quantize: weight-bits must be 4 or 8 and act-bits 8 or 16, got {self.weight_bits}, {self.act_bits}")
+        if self.vocab_bits not in (0, 4, 8):
+            raise FemtoccError(f"quantize: vocab-bits must be 4 or 8 (or 0: as before), got {self.vocab_bits}")
         if self.ranges:
             ranges = load_ranges(self.ranges)
         else:
@@ -334,4 +341,4 @@ class Quantize(Pass):
             if not ranges:
                 raise FemtoccError("quantize needs calibrated ranges: values with attrs['range'] (femtocc compile "
                                    "calibrates them) or quantize{ranges=PATH}")
-        return _Quantizer(graph, ranges, self.weight_bits, self.act_bits).run()
+        return _Quantizer(graph, ranges, self.weight_bits, self.act_bits, self.vocab_bits).run()

@@ -68,6 +68,36 @@ class RecoverConfig:
     seed: int = 0
     layers: str | None = None  # prune only layers whose module path matches
     groups: list = field(default_factory=list)  # [(regex, sparsities)]: these layers follow their own schedule
+    context_s: int = 30  # the student's encoder context (a bucket, femtocc.frontend.onnx_export); the teacher's is 30
+
+
+def context_frames(config, cfg: RecoverConfig) -> int | None:
+    """Encoder frames of the student's context, None for Whisper's full 30-s window."""
+    if cfg.context_s == 30:
+        return None
+    return config.max_source_positions * cfg.context_s // 30
+
+
+def _student_module(model, frames: int | None):
+    """``model`` (transformers Whisper) as a module whose forward encodes only ``frames`` encoder
+    frames (all of them for None); the module DistributedDataParallel wraps."""
+    import torch
+
+    from femtocc.frontend.whisper import encode
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_features, decoder_input_ids, output_hidden_states=False):
+            if frames is None:
+                return self.model(input_features=input_features, decoder_input_ids=decoder_input_ids,
+                                  output_hidden_states=output_hidden_states)
+            enc = encode(self.model.model.encoder, input_features, frames)
+            return self.model(encoder_outputs=(enc,), decoder_input_ids=decoder_input_ids)
+
+    return Student()
 
 
 def stage_targets(model, cfg: RecoverConfig, stage: int) -> dict[float, list[str]]:
@@ -141,11 +171,13 @@ def relative_mse(student, teacher, valid=None):
     return (((student - teacher) ** 2) * w).sum() / ((teacher**2) * w).sum()
 
 
-def make_batch(windows, targets: Path, teacher, device="cpu") -> dict:
+def make_batch(windows, targets: Path, teacher, device="cpu", frames: int | None = None) -> dict:
     """``features`` [B, 80, 3000], teacher-forced decoder input ``ids`` [B, L] (prompt and the
     teacher's transcript, right-padded with end of text), ``valid`` [B, L] (1 where a position
     has a target), and the teacher's ``topk_ids``, ``topk_logp`` [B, L, k] and ``encoder`` output
-    (None when the targets have none)."""
+    (None when the targets have none). ``frames``: the student's shorter context; the features are
+    cut to ``2 * frames`` mel frames and the teacher's encoder output (of the full window) to its
+    first ``frames``."""
     import torch
 
     from femtocc.train_data import load_targets
@@ -167,6 +199,9 @@ def make_batch(windows, targets: Path, teacher, device="cpu") -> dict:
     feats = np.concatenate([teacher.features(w.audio()) for w in windows])
     enc = (torch.from_numpy(np.stack([t["encoder"] for t in loaded]).astype(np.float32)).to(device)
            if all("encoder" in t for t in loaded) else None)
+    if frames is not None:
+        feats = np.ascontiguousarray(feats[:, :, : 2 * frames])
+        enc = enc[:, :frames].contiguous() if enc is not None else None
     return {"features": torch.from_numpy(feats).to(device), "ids": ids.to(device), "valid": valid.to(device),
             "topk_ids": top_ids.to(device), "topk_logp": top_logp.to(device), "encoder": enc}
 
@@ -213,7 +248,8 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
         raise FemtoccError(f"{len(windows)} training windows cannot feed {world} processes")
     torch.manual_seed(cfg.seed * 1000 + stage)
     model = student.model.to(device)
-    net = model
+    frames = context_frames(model.config, cfg)
+    net = _student_module(model, frames)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -234,7 +270,7 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     try:
         for step in bar(range(steps), f"stage {stage} distillation", "step", enabled=progress):
             chosen = [shard[int(order[(step * cfg.batch + j) % len(shard)])] for j in range(cfg.batch)]
-            batch = make_batch(chosen, targets, teacher, device)
+            batch = make_batch(chosen, targets, teacher, device, frames)
             loss = batch_loss(net, teacher_model, batch, cfg, autocast)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, cfg)
@@ -265,13 +301,14 @@ def _mean_loss(losses: list[float]) -> float | None:
     return float(np.mean(losses)) if losses else None
 
 
-def validate(student, teacher, utts) -> dict:
-    """WER against the references, agreement with the teacher, and runaways on ``utts``."""
+def validate(student, teacher, utts, context_s: int = 30) -> dict:
+    """WER against the references, agreement with the teacher, and runaways on ``utts`` (each in
+    the smallest of the buckets ``context_s`` and 30 s that holds it)."""
     from femtocc.decode import TorchBackend, score, transcribe
     from femtocc.passes.calibrate import dense_transcripts
 
     dense = {uid: teacher.text(tokens) for uid, tokens in dense_transcripts(teacher, utts).items()}
-    report = score(transcribe(student, TorchBackend(student), utts), dense)
+    report = score(transcribe(student, TorchBackend(student, sorted({context_s, 30})), utts), dense)
     return {key: report[key] for key in ("utterances", "wer", "agreement_wer", "hit_token_limit")}
 
 
@@ -289,6 +326,9 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
     from femtocc.passes.prune import PruneConfig, prune_model, weights_digest
 
     check_schedules(cfg)
+    if not 1 <= cfg.context_s <= 30 or (cfg.context_s < 30 and cfg.block_weight):
+        raise FemtoccError(f"--context {cfg.context_s}: give whole seconds from 1 to 30; a shorter context than 30 "
+                           "matches the encoder output only (--block-weight 0)")
     rank, world = distributed.rank_world()
     out = Path(out)
     if rank == 0:
@@ -297,6 +337,9 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
             (out / "log.jsonl").write_text("")
     stages = [(s, cfg.steps) for s in cfg.sparsities] + ([(cfg.sparsities[-1], cfg.final_steps)] if cfg.final_steps else [])
     student, first, log = student or teacher, 0, []
+    if student is teacher:  # training changes the student in place; the teacher stays as it is
+        student = copy.copy(teacher)
+        student.model = copy.deepcopy(teacher.model)
     if resume:
         done = [i for i in range(len(stages)) if (_stage_dir(out, i) / "femtocc.json").is_file()]
         if done:
@@ -315,10 +358,11 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
         start = time.perf_counter()
         if i < len(cfg.sparsities):  # a pruning stage (the last, optional, only fine-tunes)
             if rank == 0:
-                targets_of = stage_targets(student.model, cfg, i)
+                targets_of = {s: n for s, n in stage_targets(student.model, cfg, i).items() if s > 0}  # 0: distil only
                 every = prunable_layers(student.model)
                 chosen = {n: every[n] for names in targets_of.values() for n in names}
-                hessians = collect_hessians(student, calib, chosen, progress, dense_tokens=dense_transcripts(teacher, calib))
+                hessians = (collect_hessians(student, calib, chosen, progress, dense_tokens=dense_transcripts(teacher, calib))
+                            if chosen else None)
                 for s, names in targets_of.items():
                     exact = "^(" + "|".join(re.escape(n) for n in names) + ")$"
                     prune = PruneConfig("obs", s, cfg.pattern, layers=exact, keep_zeros=True)
@@ -345,7 +389,7 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
         if rank == 0:
             entry["train_s"] = round(time.perf_counter() - start, 2)
             if val:
-                entry["val"] = validate(student, teacher, val)
+                entry["val"] = validate(student, teacher, val, cfg.context_s)
             entry["seconds"] = round(time.perf_counter() - start, 2)
             log.append(entry)
             save_bundle(student, _stage_dir(out, i))

@@ -11,7 +11,7 @@ def utterance_stats(runs: list, transcript, clock_hz: float) -> dict:
     energy = macs = skipped = 0.0
     steps = 0
     for r in runs:
-        graph = Path(r.graph).stem
+        graph = Path(r.graph).stem.split("@")[0]  # the buckets of a graph count together
         cycles[graph] = cycles.get(graph, 0.0) + r.total("cycles")
         energy += r.energy_pj()
         macs += r.total("macs")
@@ -30,7 +30,7 @@ def summarize(per_utt: list[dict], runs: list) -> dict:
     ops: dict[str, dict] = {}
     layers: dict[str, dict] = {}
     for r in runs:
-        graph = Path(r.graph).stem
+        graph = Path(r.graph).stem.split("@")[0]  # the buckets of a graph count together
         for (op, out, const, _), row in zip(r.instructions, r.rows):
             o = ops.setdefault(f"{graph}/{op}", {"cycles": 0.0, "macs": 0.0, "external_bytes": 0.0, "energy_pj": 0.0})
             o["cycles"] += row["cycles"]

@@ -1013,11 +1013,21 @@ static void account(Ctx *c, const Instr *ins, const Tensor *out, InstrStats *s) 
         const BufferDesc *b = &p->buffers[id];
         const Tensor *t = j < ins->n_in ? &c->env[id] : out;
         double bytes = (b->region == RG_CONST || b->region == RG_STREAM) ? (double)b->nbytes : bytes_of(t);
+        double bursts = 1;
+        if (ins->op == OP_QGATHER && j < 2 && b->rank >= 1) {
+            /* a gather reads only the rows it looks up (table [dim, rows], multipliers [rows]): one
+               burst per looked-up row, not the whole table at every decoder step */
+            double rows = (double)c->env[operand(ins, 2)].numel, of = (double)b->dims[b->rank - 1].c;
+            if (of > 0 && rows < of) {
+                bytes = bytes * rows / of;
+                bursts = rows;
+            }
+        }
         double words = ceil(bytes / word_bytes);
         if (j < ins->n_in) s->sram_read_words += words; else s->sram_write_words += words;
         if (b->region == RG_STREAM || b->region == RG_EXTERNAL || b->region == RG_INPUT || b->region == RG_OUTPUT) {
             ext += bytes;
-            transfers += 1;
+            transfers += bursts;
         }
         if (banks > 0 && (b->region == RG_SRAM || b->region == RG_CONST)) {
             int64_t bank = bank_of(cfg, b) % banks;

@@ -101,7 +101,9 @@ def test_table_ops(tmp_path, act_bits):
     assert "qlayer_norm" in g.op_counts()
 
 
-def test_token_embedding_is_one_table_for_gather_and_output_projection(tmp_path):
+@pytest.mark.parametrize("opts, bits", [({}, 8), ({"vocab_bits": 4}, 4), ({"weight_bits": 4, "act_bits": 8, "vocab_bits": 8}, 8)])
+def test_token_embedding_is_one_table_for_gather_and_output_projection(tmp_path, opts, bits):
+    """One table, stored once, at ``vocab-bits`` when given (int4: half what a decoder step streams)."""
     table = rng.standard_normal((50, 16)).astype(np.float32)
     g = Graph("dec")
     ids = g.add_input("ids", TensorType("i64", (1, "T")))
@@ -111,11 +113,12 @@ def test_token_embedding_is_one_table_for_gather_and_output_projection(tmp_path)
     logits = g.make_node("matmul", [h, t], [TensorType("f32", (1, "T", 50))]).outputs[0]
     g.outputs = [logits]
     feeds = {"ids": np.array([[3, 7, 49]])}
-    y = quantize(g, feeds, tmp_path)
+    y = quantize(g, feeds, tmp_path, **opts)
     counts = g.op_counts()
     assert counts["qgather"] == 1 and counts["qdense"] == 1
     int8 = [c for c in g.constants.values() if c.data.dtype == np.int8]
     assert len(int8) == 1  # tied: stored once
+    assert int8[0].attrs["quant"]["bits"] == bits and np.abs(int8[0].data).max() == 2 ** (bits - 1) - 1
     out = Interpreter(g).run(feeds)[g.outputs[0].name]
     assert np.argmax(out, -1).tolist() == np.argmax(y, -1).tolist()
 
@@ -129,6 +132,12 @@ def test_pruned_zeros_and_annotations_survive(tmp_path):
     wq = next(n for n in g.nodes if n.op == "qdense").inputs[1]
     assert wq.data.dtype == np.int8 and not wq.data[:8].any()
     assert wq.attrs["sparsity"] == {"format": "unstructured"} and wq.attrs["quant"]["bits"] == 8
+
+
+def test_vocab_bits_must_be_4_or_8(tmp_path):
+    g = one_op("add", [(2, 4), (2, 4)])
+    with pytest.raises(FemtoccError, match="vocab-bits must be 4 or 8"):
+        quantize(g, {"x0": np.ones((2, 4), np.float32), "x1": np.ones((2, 4), np.float32)}, tmp_path, vocab_bits=6)
 
 
 def test_errors_name_the_problem(tmp_path):

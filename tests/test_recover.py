@@ -133,6 +133,40 @@ def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
     assert not np.any((w["encoder.layers.0.fc1"] == 0) & (w80["encoder.layers.0.fc1"] != 0))
 
 
+def test_a_student_for_a_short_context_bucket(tmp_path, dev_data, tiny):
+    """--context 10: windows packed to 10 s, the student encodes 500 frames, the teacher's targets come
+    from the full window (its encoder output cut to the same 500 frames); sparsity 0 only distils."""
+    import torch
+
+    from femtocc.cli import main
+    from femtocc.data import load_dataset
+    from femtocc.frontend.whisper import encode, load_whisper
+    from femtocc.passes.recover import make_batch
+    from femtocc.train_data import duration_s
+
+    out = tmp_path / "ctx10"
+    assert main(["prune", "whisper-tiny.en", "--schedule", "oneshot:0:0:1", "--train", str(TRAIN_DIR),
+                 "--train-limit", "6", "--steps-per-stage", "2", "--warmup", "1", "--top-k", "8", "--val-limit", "2",
+                 "--context", "10", "--lr", "1e-4", "--calib", str(dev_data), "--calib-limit", "2", "-o", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((out / "train-report.json").read_text())
+    assert report["data"]["context_s"] == 10 and report["config"]["context_s"] == 10
+    assert report["stages"][0]["sparsity"] < 1e-4 and report["stages"][0]["val"]["utterances"] == 2
+    student = load_whisper(str(out))
+    assert weights_digest(student.model) != weights_digest(tiny.model)  # distilled, and the teacher untouched
+    assert weights_digest(tiny.model) == weights_digest(load_whisper("whisper-tiny.en").model)
+    short = [u for u in load_dataset(TRAIN_DIR)[:6] if duration_s(u) <= 10]
+    windows = pack(short, seed=0, window_s=10)
+    assert all(w.speech_s + w.gap_s * (len(w.utterances) - 1) <= 10 for w in windows)
+    targets = teacher_targets(tiny, windows[:1], k=8, hidden=True, folder=tmp_path / "t")
+    batch = make_batch(windows[:1], targets, tiny, frames=500)
+    assert batch["features"].shape == (1, 80, 1000) and batch["encoder"].shape == (1, 500, 384)
+    with torch.no_grad():  # the target is the teacher's full-window encoder output, cut
+        full = tiny.model.model.encoder(torch.from_numpy(tiny.features(windows[0].audio()))).last_hidden_state
+        assert torch.allclose(batch["encoder"], full[:, :500], atol=2e-2)
+        assert not torch.allclose(encode(tiny.model.model.encoder, batch["features"], 500), full[:, :500], atol=2e-2)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--schedule", "cubic:0.6:0.3:3"], "below the start"),
     (["--schedule", "cubic:0:0.5:3", "--method", "mp-local"], "cannot be scheduled"),
@@ -144,6 +178,8 @@ def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
     (["--schedule", "cubic:0:0.5:3", "--schedule", "cubic:0:0.9:2@^encoder"], "same number of stages"),
     (["--schedule", "cubic:0:0.5:3", "--pattern", "pencil3x"], "--pattern"),
     (["--schedule", "cubic:0:0.5:3", "--train", "BADAUDIO"], "bad.flac: cannot read"),
+    (["--schedule", "cubic:0:0.5:3", "--context", "40"], "--context 40"),
+    (["--schedule", "cubic:0:0.5:3", "--context", "10", "--block-weight", "1"], "--block-weight 0"),
 ])
 def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_data):
     from femtocc.cli import main

@@ -219,3 +219,36 @@ def test_a_sparse_constant_too_large_to_decode_is_refused_before_allocation():
         Program.from_bytes(program)
     with pytest.raises(ProgramError, match=r"w1.q.*more than 2\*\*28 elements"):
         SimRuntime(program, TARGET)
+
+
+def test_a_gather_reads_only_the_rows_it_looks_up(tmp_path):
+    """A token-embedding gather reads one row (and its multiplier) per looked-up token, not the whole
+    table at every decoder step (the compiled decoder's table streams from external memory; this one
+    is a constant, and the same rule counts its SRAM words)."""
+    import json
+
+    from femtocc.ir import Graph, TensorType
+    from femtocc.passes import PassManager
+    from femtocc.passes.calibrate import RangeRecorder
+    from femtocc.targets.spu001.codegen import generate
+
+    rows, dim = 4096, 384
+    g = Graph("embed")
+    ids = g.add_input("ids", TensorType("i64", (1, "T")))
+    table = g.add_constant("table", np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32))
+    g.outputs = [g.make_node("gather", [table, ids], [TensorType("f32", (1, "T", dim))], {"axis": 0}, names=["out"]).outputs[0]]
+    recorder = RangeRecorder()
+    recorder.runner(g)({"ids": np.array([[1, 2, 3]])})
+    (tmp_path / "r.json").write_text(json.dumps(recorder.ranges))
+    PassManager.parse(f"quantize{{ranges={tmp_path / 'r.json'}}},select-layout,tile-sram{{tokens=3}}").run(g)
+    data = generate(g, TARGET).to_bytes()
+    program = Program.from_bytes(data)
+    moved = {}
+    for t in (1, 3):
+        token_ids = np.arange(5, 5 + t, dtype=np.int64)[None]
+        out, stats = SimRuntime(data, TARGET).run({"ids": token_ids})
+        assert np.array_equal(out["out"], ReferenceRuntime(program).run({"ids": token_ids})["out"])
+        (row,) = [r for (op, *_), r in zip(stats.instructions, stats.rows) if op == "qgather"]
+        moved[t] = row["sram_read_words"]
+    word = TARGET.facts.sram_word_bits // 8
+    assert moved[3] < dim * rows / word / 100 and moved[3] > moved[1] >= dim / word

@@ -1,11 +1,20 @@
 """Export Whisper to three ONNX graphs with torch's dynamo exporter (opset 18).
 
 * ``encoder``: ``input_features f32[1, n_mels, 3000] -> encoder_hidden_states f32[1, 1500, d]``
-* ``cross_kv``: ``encoder_hidden_states -> cross_k.{i}, cross_v.{i} f32[1, H, 1500, Dh]`` per decoder
-  layer, run once per utterance;
+* ``cross_kv``: ``encoder_hidden_states -> cross_k.{i} f32[1, H, Dh, 1500], cross_v.{i} f32[1, H,
+  1500, Dh]`` per decoder layer, run once per utterance. K comes out transposed, as the decoder's
+  attention reads it, so that no decoder step transposes (and streams) what never changes between
+  steps;
 * ``decoder_step``: ``input_ids i64[1, T]``, ``past_k.{i}, past_v.{i} f32[1, H, P, Dh]`` and the
   cross K/V ``-> logits f32[1, T, V]``, ``present_k.{i}, present_v.{i} f32[1, H, P+T, Dh]``.
   ``T`` new tokens (the whole prompt at once, then one at a time) after ``P`` cached ones.
+
+Context buckets: Whisper always encodes a 30-s window. :func:`export_whisper` can also export the
+three graphs for a shorter context of ``b`` seconds (``encoder@10s``, ``cross_kv@10s``,
+``decoder_step@10s``): the encoder reads ``100 b`` mel frames and keeps ``50 b`` positions of its
+positional embedding, and the cross K/V and the decoder step use ``50 b`` frames. The 30-s graphs
+keep their plain names and are the same with or without other buckets. Every name fits the 16
+bytes a program header keeps for it (``decoder_step@10s``).
 
 The graphs call transformers' own modules; the attention of the cross-K/V split and of the
 cached decoder step is spelled out here because transformers' cache objects do not export
@@ -26,8 +35,42 @@ from femtocc.cache import atomic_write, cache_root
 from femtocc.errors import FemtoccError
 
 OPSET = 18
-EXPORTER_VERSION = 2
+EXPORTER_VERSION = 3  # 3: cross K transposed once in cross_kv
 GRAPH_NAMES = ("encoder", "cross_kv", "decoder_step")
+WINDOW_S = 30  # Whisper's context; the full bucket
+
+
+def bucket_name(which: str, seconds: int) -> str:
+    """The graph ``which`` for a context of ``seconds``: plain for the full 30-s window, else
+    ``which@{seconds}s``."""
+    return which if seconds == WINDOW_S else f"{which}@{seconds}s"
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """``encoder@10s`` -> (``encoder``, 10); ``encoder`` -> (``encoder``, 30)."""
+    base, _, rest = name.partition("@")
+    return base, int(rest[:-1]) if rest else WINDOW_S
+
+
+def parse_buckets(spec, option: str = "--buckets") -> tuple[int, ...]:
+    """Context buckets in whole seconds, sorted, from ``"10,30"`` or a sequence; the largest must
+    be 30 (a window of any length must fit one)."""
+    if not isinstance(spec, (str, list, tuple)):
+        raise FemtoccError(f"{option} {spec!r}: give whole seconds separated by commas, e.g. 10,30")
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        out = sorted({int(str(x).strip()) for x in items if str(x).strip()})
+    except ValueError:
+        raise FemtoccError(f"{option} {spec!r}: give whole seconds separated by commas, e.g. 10,30") from None
+    if not out or out[0] < 1 or out[-1] != WINDOW_S:
+        raise FemtoccError(f"{option} {spec!r}: buckets are whole seconds from 1 to {WINDOW_S}, and "
+                           f"{WINDOW_S} must be one of them")
+    return tuple(out)
+
+
+def bucket_names(buckets=(WINDOW_S,)) -> list[str]:
+    """Every graph of a bucket set, bucket by bucket (smallest first)."""
+    return [bucket_name(w, b) for b in buckets for w in GRAPH_NAMES]
 
 
 def _modules():
@@ -42,19 +85,21 @@ def _modules():
         b, h, t, dh = x.shape
         return x.transpose(1, 2).reshape(b, t, h * dh)
 
-    def attend(q, k, v, mask=None):
-        scores = torch.matmul(q, k.transpose(2, 3))
+    def attend(q, k, v, mask=None, k_transposed=False):
+        scores = torch.matmul(q, k if k_transposed else k.transpose(2, 3))
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         return merge(torch.matmul(torch.softmax(scores, dim=-1), v))
 
     class Encoder(nn.Module):
-        def __init__(self, hf):
+        def __init__(self, hf, frames: int | None = None):
             super().__init__()
-            self.encoder = hf.model.encoder
+            self.encoder, self.frames = hf.model.encoder, frames
 
         def forward(self, input_features):
-            return self.encoder(input_features).last_hidden_state
+            from femtocc.frontend.whisper import encode
+
+            return encode(self.encoder, input_features, self.frames)
 
     class CrossKV(nn.Module):
         def __init__(self, hf):
@@ -66,7 +111,7 @@ def _modules():
             out = []
             for layer in self.decoder.layers:
                 att = layer.encoder_attn
-                out.append(heads(att.k_proj(encoder_hidden_states), self.n_heads))
+                out.append(heads(att.k_proj(encoder_hidden_states), self.n_heads).transpose(2, 3))
                 out.append(heads(att.v_proj(encoder_hidden_states), self.n_heads))
             return tuple(out)
 
@@ -96,7 +141,7 @@ def _modules():
                 att = layer.encoder_attn
                 x = layer.encoder_attn_layer_norm(h)
                 q = heads(att.q_proj(x) * att.scaling, self.n_heads)
-                h = h + att.out_proj(attend(q, cross[2 * i], cross[2 * i + 1]))
+                h = h + att.out_proj(attend(q, cross[2 * i], cross[2 * i + 1], k_transposed=True))
                 x = layer.final_layer_norm(h)
                 h = h + layer.fc2(layer.activation_fn(layer.fc1(x)))
             logits = self.proj_out(self.decoder.layer_norm(h))
@@ -105,47 +150,58 @@ def _modules():
     return Encoder, CrossKV, DecoderStep
 
 
-def graph_modules(bundle) -> dict:
-    """The three graphs as eager torch modules over ``bundle.model``'s own layers (hooks fire)."""
+def graph_modules(bundle, buckets=(WINDOW_S,)) -> dict:
+    """The graphs of every bucket as eager torch modules over ``bundle.model``'s own layers (hooks
+    fire). Only the encoder differs between buckets; the others are shared."""
     Encoder, CrossKV, DecoderStep = _modules()
-    mods = {"encoder": Encoder(bundle.model), "cross_kv": CrossKV(bundle.model), "decoder_step": DecoderStep(bundle.model)}
-    return {k: m.eval() for k, m in mods.items()}
+    per_s = bundle.config.max_source_positions // WINDOW_S
+    cross, step = CrossKV(bundle.model).eval(), DecoderStep(bundle.model).eval()
+    mods = {}
+    for b in buckets:
+        mods[bucket_name("encoder", b)] = Encoder(bundle.model, per_s * b).eval()
+        mods[bucket_name("cross_kv", b)] = cross
+        mods[bucket_name("decoder_step", b)] = step
+    return mods
 
 
-def graph_signatures(config) -> dict[str, tuple[list[str], list[str]]]:
+def graph_signatures(config, buckets=(WINDOW_S,)) -> dict[str, tuple[list[str], list[str]]]:
+    """Input and output names of every graph (the same in every bucket)."""
     n = config.decoder_layers
     kv = lambda p: [f"{p}_{t}.{i}" for i in range(n) for t in ("k", "v")]  # noqa: E731
-    return {
+    sig = {
         "encoder": (["input_features"], ["encoder_hidden_states"]),
         "cross_kv": (["encoder_hidden_states"], kv("cross")),
         "decoder_step": (["input_ids", *kv("past"), *kv("cross")], ["logits", *kv("present")]),
     }
+    return {bucket_name(w, b): sig[w] for b in buckets for w in GRAPH_NAMES}
 
 
-def _example_inputs(config):
+def _example_inputs(config, seconds: int = WINDOW_S):
     import torch
 
     n, h = config.decoder_layers, config.decoder_attention_heads
     dh = config.d_model // h
-    src = config.max_source_positions
+    src = config.max_source_positions * seconds // WINDOW_S
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(1, config.num_mel_bins, 2 * src, generator=g)
     enc = torch.randn(1, src, config.d_model, generator=g)
     ids = torch.tensor([[config.decoder_start_token_id] * 3])
     past = [torch.randn(1, h, 2, dh, generator=g) for _ in range(2 * n)]
-    cross = [torch.randn(1, h, src, dh, generator=g) for _ in range(2 * n)]
+    cross = [torch.randn(*((1, h, dh, src) if i % 2 == 0 else (1, h, src, dh)), generator=g) for i in range(2 * n)]
     return {"encoder": (feats,), "cross_kv": (enc,), "decoder_step": (ids, *past, *cross)}
 
 
-def export_graph(bundle, which: str):
-    """Export one graph; returns an ``onnx.ModelProto`` with stable initializer names."""
+def export_graph(bundle, name: str):
+    """Export one graph (``encoder``, ``decoder_step@10s``, ...); returns an ``onnx.ModelProto``
+    with stable initializer names."""
     import onnx
     import torch
 
     config = bundle.config
-    module = graph_modules(bundle)[which]
-    inputs, outputs = graph_signatures(config)[which]
-    args = _example_inputs(config)[which]
+    which, seconds = split_name(name)
+    module = graph_modules(bundle, (seconds,))[name]
+    inputs, outputs = graph_signatures(config, (seconds,))[name]
+    args = _example_inputs(config, seconds)[which]
     dynamic = None
     if which == "decoder_step":
         tokens = torch.export.Dim("T", min=1, max=config.max_target_positions)
@@ -169,7 +225,7 @@ def export_graph(bundle, which: str):
     model = program.model_proto
     _rename_initializers(model, module)
     _strip_provenance(model)
-    model.graph.name = which
+    model.graph.name = name
     onnx.checker.check_model(model)
     return model
 
@@ -222,8 +278,9 @@ def _rename_initializers(model, module) -> None:
         vi.name = renames.get(vi.name, vi.name)
 
 
-def export_whisper(bundle, out_dir: Path | None = None, progress=None) -> dict[str, Path]:
-    """Export (or fetch from the cache) the three graphs; returns their paths.
+def export_whisper(bundle, out_dir: Path | None = None, progress=None, buckets=(WINDOW_S,)) -> dict[str, Path]:
+    """Export (or fetch from the cache) the three graphs of every bucket; returns their paths by
+    graph name.
 
     The cache key is the model's source digest plus this exporter's version; the export is
     deterministic (stack traces and other source paths are stripped), so the same model gives
@@ -232,7 +289,7 @@ def export_whisper(bundle, out_dir: Path | None = None, progress=None) -> dict[s
     key = hashlib.sha256(f"{bundle.source_digest}:{EXPORTER_VERSION}:{OPSET}".encode()).hexdigest()[:16]
     folder = Path(out_dir) if out_dir else cache_root() / "onnx" / f"{bundle.name}-{key}"
     paths = {}
-    for which in GRAPH_NAMES:
+    for which in bucket_names(buckets):
         path = folder / f"{which}.onnx"
         if not path.is_file():
             model = export_graph(bundle, which)

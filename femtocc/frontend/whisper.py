@@ -131,6 +131,23 @@ class WhisperBundle:
         return cfg
 
 
+def encode(enc, features, frames: int | None = None):
+    """Whisper's encoder ``enc`` (transformers' ``WhisperEncoder``, ``model.model.encoder``) on
+    log-mel ``features`` (a torch tensor). ``frames`` below the full 1500 encodes a shorter context (a
+    bucket): the first ``2 * frames`` mel frames, the same layers, the positional embedding sliced
+    to ``frames`` (transformers' own forward refuses anything but 30 s of mel frames)."""
+    from torch import nn
+
+    if frames is None or frames == enc.config.max_source_positions:
+        return enc(features).last_hidden_state
+    x = nn.functional.gelu(enc.conv1(features[:, :, : 2 * frames]))
+    x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+    x = x + enc.embed_positions.weight[:frames]
+    for layer in enc.layers:
+        x = layer(x, None)
+    return enc.layer_norm(x)
+
+
 def _is_language_token(token: str) -> bool:
     """Whisper's language tokens are ``<|xx|>`` or ``<|xxx|>`` (``<|haw|>``, ``<|yue|>``)."""
     inner = token[2:-2] if token.startswith("<|") and token.endswith("|>") else ""

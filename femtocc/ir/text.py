@@ -106,7 +106,7 @@ _TOKEN = re.compile(
     (?P<ws>[ \t]+|\#[^\n]*)
   | (?P<nl>\n)
   | (?P<value>%(?:"(?:[^"\\]|\\.)*"|[A-Za-z0-9_.]+))
-  | (?P<global>@[A-Za-z0-9_.]+)
+  | (?P<global>@[A-Za-z0-9_.][A-Za-z0-9_.@]*)  # @encoder, @encoder@10s (a context bucket)
   | (?P<string>"(?:[^"\\]|\\.)*")
   | (?P<number>-?(?:inf|nan|\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+))
   | (?P<arrow>->)
