@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -278,8 +279,19 @@ def cmd_prune(args) -> int:
         raise FemtoccError("--vocabulary-from restricts a finished model: recover first, then run "
                            "femtocc prune OUT --sparsity 0 --vocabulary-from DIR on the result")
     if args.schedule or args.train:
+        if args.plan:
+            raise FemtoccError("--plan prunes each layer to its planned sparsity in one shot; it does not take --schedule")
         return _cmd_recover(args)
+    per_layer = None
+    if args.plan:
+        from femtocc.passes.plan import read_plan
+
+        plan = read_plan(args.plan)
+        if args.method != "obs":
+            raise FemtoccError(f"--plan was made with OBS; --method {args.method} cannot apply it")
+        per_layer, args.pattern = {n: v["sparsity"] for n, v in plan["layers"].items()}, plan["pattern"]
     cfg = PruneConfig(
+        per_layer=per_layer,
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, allocation=args.allocation,
         damping=args.damping, refit_iterations=args.refit_iterations, admm_iterations=args.admm_iterations,
         sequential=args.sequential, layers=args.layers,
@@ -445,7 +457,11 @@ def cmd_compile(args) -> int:
         if given:
             raise FemtoccError(f"{given[0]} given without --method: nothing would be pruned; add --method obs "
                                f"(or leave out {given[0]})")
+    if args.plan and (args.method or args.sparsity is not None or args.pattern):
+        raise FemtoccError("--plan sets the method, pattern and every layer's sparsity; leave out --method, "
+                           "--sparsity and --pattern")
     opts = CompileOptions(
+        plan=args.plan,
         model=args.model, output=Path(args.output), target=args.target_file or "", method=args.method,
         sparsity=0.5 if args.sparsity is None else args.sparsity, pattern=args.pattern or "",
         force=args.force,
@@ -504,6 +520,38 @@ def cmd_run(args) -> int:
                    "report": report, "utterances": [dict(t.__dict__, **(per_utt[i] if per_utt else {}))
                                                     for i, t in enumerate(transcripts)]}, f, indent=1, default=str)
     print(f"wrote {json_path}")
+    return 0
+
+
+def parse_size(text: str) -> int:
+    """``1MiB``, ``512KiB``, ``1MB``, ``1048576``: bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1MiB, 512KiB or 1048576")
+    unit = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 10**6, "MiB": 2**20, "GB": 10**9, "GiB": 2**30}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+def cmd_plan(args) -> int:
+    from femtocc.cache import atomic_write
+    from femtocc.data import load_dataset, split_by_speaker
+    from femtocc.frontend.whisper import load_whisper
+    from femtocc.passes.plan import make_plan
+    from femtocc.targets.spu001.description import load_target
+
+    json_path = _check_json(args.output)
+    target = load_target(args.target_file or "")
+    budget = args.sram if args.sram is not None else target.sram_bytes
+    calib = split_by_speaker(load_dataset(args.calib))[0][: args.calib_limit]
+    bundle = load_whisper(args.model)
+    plan = make_plan(bundle, calib, args.scope, budget, target, args.quant, progress=not args.quiet)
+    with atomic_write(json_path, "w") as f:
+        json.dump(plan, f, indent=1)
+    sparsities = [v["sparsity"] for v in plan["layers"].values()]
+    print(f"{args.scope} of {bundle.name} in {budget:,} bytes ({plan['pattern']}, {args.quant}): "
+          f"{plan['scope_bytes']:,} bytes, {plan['resident_nonzero_parameters']:,} of {plan['scope_parameters']:,} "
+          f"parameters kept, layer sparsities {min(sparsities):.2f}-{max(sparsities):.2f}, predicted error "
+          f"{plan['predicted_error']:.3f} (sum of layer errors); wrote {json_path}")
     return 0
 
 
@@ -603,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", type=pattern, default="unstructured", help="unstructured, pencilH such as pencil8, or N:M such as 2:4 (default unstructured)")
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="same sparsity in every layer, or allocated across layers from the OBS error (default uniform)")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="prune each layer a femtocc plan names to its planned sparsity, in its pattern (OBS)")
     p.add_argument("--damping", type=float, default=None, help="OBS damping as a fraction of mean(diag H) (default: automatic)")
     p.add_argument("--refit-iterations", type=int, default=REFIT_ITERATIONS, metavar="N",
                    help="OBS: conjugate-gradient iterations that refit the kept weights to the pruned mask "
@@ -689,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-limit", type=positive_int, default=32, help="calibration utterances (default 32)")
     p.add_argument("--range-limit", type=positive_int, default=None, help="of those, how many set activation ranges (default all)")
     p.add_argument("--buckets", type=buckets, default=(30,), help=BUCKETS_HELP + "; one set of programs per bucket")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="prune by a femtocc plan (each layer to its planned sparsity, OBS) and report whether its "
+                        "scope's weights fit its SRAM budget")
     p.add_argument("--vocab-bits", type=int, choices=(4, 8), default=None,
                    help="precision of the token table, the embedding and the output projection tied to it (default: "
                         "int8, or --quant's weight bits for an untied projection); 4 halves what each decoder step streams")
@@ -714,6 +767,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _data_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="choose a sparsity per layer so that a scope's weights fit an SRAM budget",
+                       description="Prune every layer of the scope by OBS at each candidate sparsity on calibration "
+                                   "speech, measure its output error and its bytes as the compiler stores them, and "
+                                   "choose per layer to fit the budget at the least summed error (passes/plan.py). "
+                                   "Apply with femtocc prune/compile --plan.")
+    p.add_argument("model")
+    p.add_argument("--sram", type=parse_size, default=None, help="the budget, e.g. 1MiB (default: the target's SRAM)")
+    p.add_argument("--scope", choices=("encoder", "model"), default="encoder",
+                   help="the encoder's weights, or the whole model's with the token table (default encoder)")
+    p.add_argument("--quant", choices=tuple(QUANT), default="w8a16", help="the weight precision the build will use")
+    p.add_argument("--target-file", default=None, help="a target description TOML (a variant of spu001)")
+    p.add_argument("--calib", default=DEFAULT_DATA, help="calibration speech (its speaker-disjoint calibration part)")
+    p.add_argument("--calib-limit", type=positive_int, default=16, help="calibration utterances (default 16)")
+    p.add_argument("-o", "--output", required=True, help="the plan file (JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sweep", help="explore a grid of builds (prune, compile, run) to a WER / cost Pareto front",
                        description="Run every point of GRID.toml (see femtocc.sweep) not yet done in DIR, appending "

@@ -51,6 +51,7 @@ class CompileOptions:
     print_ir_after_all: bool = False
     print_ir_after: tuple = ()
     save_ir: bool = False  # also write BUILD/ir/*.fir: the final IR each program was generated from
+    plan: str | None = None  # a femtocc plan (passes/plan.py): per-layer OBS sparsities and an SRAM budget
     vocab_bits: int = 0  # the token table (embedding + tied output projection): 4, 8, or 0 (as before)
     buckets: tuple = (30,)  # encoder context buckets in seconds (see femtocc.frontend.onnx_export)
     force: bool = False  # replace ``output`` even when it is not an earlier build
@@ -130,6 +131,12 @@ def compile_model(opts: CompileOptions) -> dict:
     check_output_dir(opts.output, "build", opts.force)
     target = load_target(opts.target)
     wbits, abits = QUANT[opts.quant]
+    plan = None
+    if opts.plan:
+        from femtocc.passes.plan import read_plan
+
+        plan = read_plan(opts.plan)
+        opts.method, opts.pattern = "obs", plan["pattern"]
     if opts.method:
         from femtocc.passes.prune import PruneConfig, prune_model
         from femtocc.passes.sparsity import parse_pattern
@@ -139,7 +146,8 @@ def compile_model(opts: CompileOptions) -> dict:
         if chosen.kind == "pencil" and chosen.name != native:
             raise FemtoccError(f"--pattern {chosen.name}: {target.name} stores pencils of {target.facts.pencil} "
                                f"(facts.pencil in {target.source}); prune with {native}")
-        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=chosen.name)
+        cfg = PruneConfig(method=opts.method, sparsity=opts.sparsity, pattern=chosen.name,
+                          per_layer={n: v["sparsity"] for n, v in plan["layers"].items()} if plan else None)
         cfg.check()
     t0 = t = time.perf_counter()
     bundle = load_whisper(opts.model)
@@ -198,6 +206,8 @@ def compile_model(opts: CompileOptions) -> dict:
 
     programs = {w: generate(g, target).to_bytes() for w, g in graphs.items()}
     report = build_report(graphs, stats, target, bundle, prune_report, opts, programs)
+    if plan:
+        report["plan"] = plan_check(report, plan)
     manifest = {
         "format": f"femtocc-build/{PROGRAM_VERSION}",
         "model": opts.model,
@@ -269,6 +279,22 @@ def build_report(graphs, stats, target, bundle, prune_report, opts, programs) ->
     }
 
 
+def plan_check(report: dict, plan: dict) -> dict:
+    """Whether the plan's scope fits its budget as compiled: the stored bytes of the scope's layers
+    (the 30-s programs; the token table once), against the plan's ``sram_bytes``."""
+    scope = set(plan["layers"])
+    seen, total = set(), 0
+    for r in report["layers"]:
+        if "@" in r["graph"] or r["layer"] not in scope or r["layer"] in seen:
+            continue
+        seen.add(r["layer"])
+        total += r["bytes"]
+    return {"scope": plan["scope"], "sram_bytes": plan["sram_bytes"], "scope_bytes": total,
+            "planned_bytes": plan["scope_bytes"], "resident": total <= plan["sram_bytes"],
+            "layers": len(seen), "placed_in_sram_by_tile_sram": sum(
+                1 for r in report["layers"] if "@" not in r["graph"] and r["layer"] in scope and r["placement"] == "sram")}
+
+
 def plot_report(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -320,3 +346,7 @@ def print_report(report: dict, out) -> None:
     print(f"weight bytes vs {pattern} sparsity: " + ", ".join(
         f"{r['sparsity']:.2f}: {r.get('encoder_bytes', 0) / 2**20:.2f} MiB enc" for r in bvs["rows"]), file=out)
     print(f"encoder weights SRAM-resident from {pattern} sparsity {bvs['encoder_resident_from']}", file=out)
+    if "plan" in report:
+        p = report["plan"]
+        print(f"plan: the {p['scope']}'s {p['layers']} layers store {p['scope_bytes']:,} bytes (planned {p['planned_bytes']:,}) "
+              f"against a budget of {p['sram_bytes']:,}: {'SRAM-resident' if p['resident'] else 'DOES NOT FIT'}", file=out)

@@ -64,6 +64,7 @@ class PruneConfig:
     keep_zeros: bool = False  # OBS keeps every weight that is already zero pruned (masks only grow)
     heldout: bool = False  # also measure each layer's error on held-out calibration speakers (see calibrate)
     admm_iterations: int = 0  # OBS: ADMM mask search on well-calibrated layers (see obs; 0: off)
+    per_layer: dict | None = None  # module path -> sparsity (a plan, passes/plan.py): only these layers, each to its own
 
     def check(self) -> Pattern:
         if self.method not in METHODS:
@@ -187,7 +188,12 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
     pattern = cfg.check()
     pruned = copy.copy(bundle)
     pruned.model = copy.deepcopy(bundle.model)
-    layers = prunable_layers(pruned.model, cfg.include_embeddings)
+    layers = prunable_layers(pruned.model, cfg.include_embeddings or "proj_out" in (cfg.per_layer or {}))
+    if cfg.per_layer is not None:
+        unknown = sorted(set(cfg.per_layer) - set(layers))
+        if unknown:
+            raise FemtoccError(f"the plan names {unknown[0]!r}, which is not a prunable layer of {bundle.name}")
+        layers = {n: m for n, m in layers.items() if cfg.per_layer.get(n, 0) > 0}
     if cfg.layers:
         try:
             rx = re.compile(cfg.layers)
@@ -210,7 +216,9 @@ def prune_model(bundle, cfg: PruneConfig, calib, progress: bool = False, hessian
     timings["calibration_s"] = time.perf_counter() - t
 
     weights = {n: weight_matrix(m) for n, m in layers.items()}
-    if cfg.allocation == "global" or cfg.method == "mp-global":
+    if cfg.per_layer is not None:
+        targets = {n: float(cfg.per_layer[n]) for n in layers}
+    elif cfg.allocation == "global" or cfg.method == "mp-global":
         targets = _global_sparsities(weights, cfg, pattern, hessians)
     else:
         targets = {n: cfg.sparsity for n in layers}

@@ -53,6 +53,15 @@ def format_costs(w_in_out: np.ndarray, bits: int, target) -> dict[str, dict]:
     return {fmt.name: format_cost(fmt, w_in_out, bits, target) for fmt in storage_formats(target) if fmt.fits(w_in_out)}
 
 
+def choose_format(costs: dict[str, dict]) -> str:
+    """select-layout's rule over :func:`format_costs`: a sparse format is a candidate only when it is
+    both no slower and smaller than dense; among candidates fewer cycles win, then fewer bytes."""
+    dense = costs["dense"]
+    eligible = [k for k, c in costs.items()
+                if k == "dense" or (c["cycles_per_row"] <= dense["cycles_per_row"] and c["bytes"] < dense["bytes"])]
+    return min(eligible, key=lambda k: (costs[k]["cycles_per_row"], costs[k]["bytes"], k != "dense"))
+
+
 def stored_format(const):
     """The storage format a weight constant's type names (dense when it names none)."""
     return parse_format(const.type.encoding) if const.type.encoding else DENSE

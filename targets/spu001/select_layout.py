@@ -20,7 +20,7 @@ Guarantee: afterwards every such weight's type carries the chosen storage encodi
 from __future__ import annotations
 
 from femtocc.passes.manager import Pass, register
-from femtocc.targets.spu001.cost import format_costs, weight_bits
+from femtocc.targets.spu001.cost import choose_format, format_costs, weight_bits
 
 
 @register
@@ -37,11 +37,7 @@ class SelectLayout(Pass):
             if node.op not in ("dense", "qdense") or not node.inputs[1].is_constant:
                 continue
             const = node.inputs[1]
-            costs = format_costs(const.data, weight_bits(const), target)
-            dense = costs["dense"]
-            eligible = [k for k, c in costs.items()
-                        if k == "dense" or (c["cycles_per_row"] <= dense["cycles_per_row"] and c["bytes"] < dense["bytes"])]
-            best = min(eligible, key=lambda k: (costs[k]["cycles_per_row"], costs[k]["bytes"], k != "dense"))
+            best = choose_format(format_costs(const.data, weight_bits(const), target))
             const.type = const.type.with_encoding(None if best == "dense" else best)
             stats["dense" if best == "dense" else "sparse"] += 1
         return stats
