@@ -32,10 +32,9 @@ cycles and external bytes of the linear layers, and no energy), compile seconds.
 is recorded with its error and the sweep goes on. Running the same command again skips every point
 already recorded as done, so an interrupted sweep loses at most the points in flight.
 
-Points run in a local pool of ``workers`` at a time (each point's processes one thread each), or as
-Ray tasks (``ray_address``: an existing cluster, or ``"local"`` to start one here), each asking for
-``ray_cpus`` CPUs, ``ray_memory_gb`` of memory and ``ray_gpus`` GPUs. A point computes the same
-record wherever it runs.
+Points run in a local pool of ``workers`` at a time, or as Ray tasks (``ray_address``: an existing cluster, or ``"local"`` to start one here), each asking for
+``ray_cpus`` CPUs, ``ray_memory_gb`` of memory and ``ray_gpus`` GPUs. A point's commands always
+run one thread each, so a point computes the same record wherever and however it runs.
 
 :func:`pareto` and :func:`report` turn the records into the front of WER against each cost axis.
 """
@@ -213,12 +212,15 @@ def commands(point: dict, sweep: dict, work: Path) -> list[list[str]]:
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "FEMTOCC_SIM_THREADS": "1"}
 
 
-def run_point(point: dict, sweep: dict, root: str, threads: int | None = 1) -> dict:
+def run_point(point: dict, sweep: dict, root: str) -> dict:
     """Run one point (its femtocc commands as processes, in ``root/points/ID``); returns its record,
-    ``status`` "done" or "failed" (with the failing command and its error line). Never raises."""
+    ``status`` "done" or "failed" (with the failing command and its error line). Never raises.
+
+    The commands run one thread each, wherever the point runs: a calibration summed by more threads
+    rounds differently, and an int4 build can decode other tokens from a one-LSB change of scale."""
     work = Path(root) / "points" / point["id"]
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **({k: str(threads) for k in ONE_THREAD} if threads else {}))
+    env = dict(os.environ, **ONE_THREAD)
     record = {"id": point["id"], "strategy": point["name"],
               "point": {k: v for k, v in point.items() if k not in ("id", "name")}}
     start = time.perf_counter()
@@ -325,7 +327,7 @@ def run_sweep(grid_path, out, workers: int = 1, ray_address: str | None = None, 
         _run_on_ray(todo, sweep, out, ray_address, ray_cpus, ray_memory_gb, ray_gpus, finished)
     elif workers <= 1:
         for p in todo:
-            finished(run_point(p, sweep, str(out), threads=None))
+            finished(run_point(p, sweep, str(out)))
     else:
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -358,7 +360,7 @@ def _run_on_ray(todo, sweep, out, address, cpus, memory_gb, gpus, finished) -> N
             ray.init(address=address, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, memory=int(memory_gb * 2**30))(run_point)
-        pending = [task.remote(p, sweep, str(out.resolve()), max(int(cpus), 1)) for p in todo]
+        pending = [task.remote(p, sweep, str(out.resolve())) for p in todo]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             finished(ray.get(ready[0]))
