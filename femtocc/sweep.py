@@ -63,7 +63,7 @@ PRUNE_KEYS = {"method": str, "pattern": str, "sparsity": float, "schedule": str,
               "precision": str, "seed": int, "train_limit": int}
 COMPILE_KEYS = {"quant": str, "buckets": str, "vocab_bits": int, "weight_quant": str}
 STRATEGY_KEYS = {"name": str, "model": str, **PRUNE_KEYS, **COMPILE_KEYS}
-COST_AXES = ("weight_bytes", "sram_resident_bytes", "cycles_per_utterance", "energy_uj_per_utterance")
+COST_AXES = ("weight_bytes", "external_bytes_per_utterance", "cycles_per_utterance", "energy_uj_per_utterance")
 RECORDS = "points.jsonl"
 MANIFEST = "sweep.json"
 
@@ -412,17 +412,24 @@ def _plot(records, fronts, axes, path) -> None:
     fig, plots = plt.subplots(1, len(axes), figsize=(5.2 * len(axes), 4.4), squeeze=False)
     strategies = sorted({r["strategy"] for r in records})
     by_id = {r["id"]: r for r in records}
+    models = sorted({r["point"]["model"] for r in records})
+    markers = dict(zip(models, "o^sDvP*X"))
+    colors = dict(zip(strategies, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, axis in zip(plots[0], axes):
         for s in strategies:
-            mine = [r for r in records if r["strategy"] == s and r.get(axis) is not None]
-            ax.scatter([r[axis] for r in mine], [r["wer"] for r in mine], label=s, alpha=0.75)
+            for m in models:
+                mine = [r for r in records if r["strategy"] == s and r["point"]["model"] == m and r.get(axis) is not None]
+                if mine:
+                    ax.scatter([r[axis] for r in mine], [r["wer"] for r in mine], color=colors[s], marker=markers[m],
+                               alpha=0.75, label=f"{s}, {Path(m).name}")
         front = [by_id[i] for i in fronts[axis]]
         ax.step([r[axis] for r in front], [r["wer"] for r in front], where="post", color="k", lw=1.5, label="Pareto front")
+        ax.set_ylim(0, min(max(r["wer"] for r in records), 3 * max(r["wer"] for r in front) + 10) * 1.05)
         ax.set_xscale("log")
         ax.set_xlabel(axis.replace("_", " "))
         ax.set_ylabel("WER %")
         ax.grid(alpha=0.3)
-    plots[0][0].legend(fontsize=8)
+    plots[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
