@@ -40,7 +40,8 @@ def main() -> int:
     manifest = json.loads((build / "build.json").read_text())
     target = load_target()
     bundle = load_whisper(manifest["model"])
-    from femtocc.frontend.onnx_export import WINDOW_S, bucket_name, split_name
+    from femtocc.decode import cut_features
+    from femtocc.frontend.onnx_export import WINDOW_S, bucket_frames, bucket_name, split_name
 
     utt = load_dataset(args.data)[0]
     prompt = list(bundle.decode.prompt)
@@ -52,8 +53,8 @@ def main() -> int:
         run = {w: SimRuntime((build / manifest["programs"][bucket_name(w, b)]).read_bytes(), target, bucket_name(w, b),
                              {"skip_zero_activations": 0}).runner(sink)
                for w in ("encoder", "cross_kv", "decoder_step")}
-        feats = bundle.features(utt.audio())[:, :, : 2 * cfg.max_source_positions * b // WINDOW_S]
-        enc = run["encoder"]({"input_features": np.ascontiguousarray(feats)})["encoder_hidden_states"]
+        feats = cut_features(bundle.features(utt.audio()), bucket_frames(cfg, b))
+        enc = run["encoder"]({"input_features": feats})["encoder_hidden_states"]
         cross = run["cross_kv"]({"encoder_hidden_states": enc})
         run["decoder_step"]({"input_ids": np.array([prompt], np.int64), **cross,
                              **{f"past_{t}.{i}": empty for i in range(cfg.decoder_layers) for t in "kv"}})

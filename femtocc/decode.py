@@ -41,6 +41,11 @@ class Backend(Protocol):
         ...
 
 
+def cut_features(features: np.ndarray, frames: int | None) -> np.ndarray:
+    """The first ``2 * frames`` mel frames of ``features`` (all of them for None: the full window)."""
+    return features if frames is None else np.ascontiguousarray(features[:, :, : 2 * frames])
+
+
 def choose_bucket(seconds: float | None, buckets) -> int:
     """The smallest context bucket (seconds) that holds ``seconds`` of audio; the largest when
     ``seconds`` is None or longer than all."""
@@ -59,10 +64,10 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, bundle, buckets=(30,)):
-        from femtocc.frontend.onnx_export import WINDOW_S, bucket_name, graph_modules
+        from femtocc.frontend.onnx_export import bucket_frames, bucket_name, graph_modules
 
         self.model, self.buckets = bundle.model, tuple(buckets)
-        self.per_s = bundle.config.max_source_positions // WINDOW_S
+        self.frames = {b: bucket_frames(bundle.config, b) for b in self.buckets}
         mods = graph_modules(bundle, self.buckets)
         self.encoders = {b: mods[bucket_name("encoder", b)] for b in self.buckets}
 
@@ -71,7 +76,7 @@ class TorchBackend:
 
         b = choose_bucket(seconds, self.buckets)
         with torch.no_grad():
-            enc = self.encoders[b](torch.from_numpy(np.ascontiguousarray(features[:, :, : 2 * self.per_s * b])))
+            enc = self.encoders[b](torch.from_numpy(cut_features(features, self.frames[b])))
         return self.session(enc)
 
     def session(self, encoder_output):
@@ -110,14 +115,14 @@ class GraphBackend:
     holds its audio, its features cut to that bucket."""
 
     def __init__(self, name: str, runners: dict[str, Runner], config):
-        from femtocc.frontend.onnx_export import GRAPH_NAMES, bucket_name, split_name
+        from femtocc.frontend.onnx_export import GRAPH_NAMES, bucket_frames, bucket_name, split_name
 
         self.name, self.runners = name, runners
         self.n_layers = config.decoder_layers
         self.heads = config.decoder_attention_heads
         self.head_dim = config.d_model // self.heads
-        self.mel_per_s = 2 * config.max_source_positions // 30
         self.buckets = tuple(sorted({split_name(w)[1] for w in runners}))
+        self.frames = {b: bucket_frames(config, b) for b in self.buckets}
         self.graphs = {b: [bucket_name(w, b) for w in GRAPH_NAMES] for b in self.buckets}
         for b, names in self.graphs.items():
             if any(n not in runners for n in names):
@@ -126,7 +131,7 @@ class GraphBackend:
     def start(self, features, seconds=None):
         b = choose_bucket(seconds, self.buckets)
         encoder, cross_kv, step = (self.runners[n] for n in self.graphs[b])
-        features = np.ascontiguousarray(features[:, :, : self.mel_per_s * b])
+        features = cut_features(features, self.frames[b])
         enc = encoder({"input_features": features})["encoder_hidden_states"]
         cross = cross_kv({"encoder_hidden_states": enc})
         empty = np.zeros((1, self.heads, 0, self.head_dim), np.float32)

@@ -73,9 +73,9 @@ class RecoverConfig:
 
 def context_frames(config, cfg: RecoverConfig) -> int | None:
     """Encoder frames of the student's context, None for Whisper's full 30-s window."""
-    if cfg.context_s == 30:
-        return None
-    return config.max_source_positions * cfg.context_s // 30
+    from femtocc.frontend.onnx_export import bucket_frames
+
+    return bucket_frames(config, cfg.context_s)
 
 
 def _student_module(model, frames: int | None):

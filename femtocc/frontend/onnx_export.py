@@ -68,6 +68,12 @@ def parse_buckets(spec, option: str = "--buckets") -> tuple[int, ...]:
     return tuple(out)
 
 
+def bucket_frames(config, seconds: int) -> int | None:
+    """Encoder frames of a context of ``seconds`` (its mel frames are twice as many); None for the
+    full window, which is encoded as transformers encodes it."""
+    return None if seconds == WINDOW_S else config.max_source_positions * seconds // WINDOW_S
+
+
 def bucket_names(buckets=(WINDOW_S,)) -> list[str]:
     """Every graph of a bucket set, bucket by bucket (smallest first)."""
     return [bucket_name(w, b) for b in buckets for w in GRAPH_NAMES]
@@ -154,11 +160,10 @@ def graph_modules(bundle, buckets=(WINDOW_S,)) -> dict:
     """The graphs of every bucket as eager torch modules over ``bundle.model``'s own layers (hooks
     fire). Only the encoder differs between buckets; the others are shared."""
     Encoder, CrossKV, DecoderStep = _modules()
-    per_s = bundle.config.max_source_positions // WINDOW_S
     cross, step = CrossKV(bundle.model).eval(), DecoderStep(bundle.model).eval()
     mods = {}
     for b in buckets:
-        mods[bucket_name("encoder", b)] = Encoder(bundle.model, per_s * b).eval()
+        mods[bucket_name("encoder", b)] = Encoder(bundle.model, bucket_frames(bundle.config, b)).eval()
         mods[bucket_name("cross_kv", b)] = cross
         mods[bucket_name("decoder_step", b)] = step
     return mods

@@ -49,7 +49,7 @@ def mini_whisper_graphs() -> dict:
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     feeds = {"encoder": {"input_features": f32(1, 8, 8)}, "cross_kv": {"encoder_hidden_states": f32(1, 4, 16)},
              "decoder_step": {"input_ids": np.array([[1, 3, 5]]), "past_k.0": f32(1, 2, 2, 8), "past_v.0": f32(1, 2, 2, 8),
-                              "cross_k.0": f32(1, 2, 4, 8), "cross_v.0": f32(1, 2, 4, 8)}}
+                              "cross_k.0": f32(1, 2, 8, 4), "cross_v.0": f32(1, 2, 4, 8)}}  # K transposed
     return {w: (PassManager.parse(pipeline("lowered")).run(import_onnx(export_graph(bundle, w), w)), feeds[w])
             for w in GRAPH_NAMES}
 
