@@ -407,7 +407,11 @@ def float_io(run_ints, input_types: dict, output_scales: dict):
     """Wrap ``run_ints`` (integer feeds -> integer outputs) as float-in, float-out, as the host
     does at a program's boundary: inputs are quantized with their symbol's scale and saturated to
     their dtype, outputs dequantized; symbols without a scale (token ids) pass as they are.
-    ``input_types``: name -> (scale, numpy dtype); ``output_scales``: name -> scale."""
+    ``input_types``: name -> (scale, numpy dtype); ``output_scales``: name -> scale.
+    An input given again as the very same array object as in the previous call (the cross-attention
+    K/V at every decoding step) reuses its integers; callers must not change an array in place
+    between calls."""
+    last: dict[str, tuple] = {}
 
     def run(feeds):
         ints = {}
@@ -415,9 +419,12 @@ def float_io(run_ints, input_types: dict, output_scales: dict):
             if name not in input_types:
                 continue
             scale, dt = input_types[name]
-            if scale:
+            if scale and name in last and last[name][0] is x:
+                ints[name] = last[name][1]
+            elif scale:
                 lim = np.iinfo(dt).max
                 ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -lim, lim).astype(dt)
+                last[name] = (x, ints[name])
             else:
                 ints[name] = np.asarray(x).astype(dt)
         out = run_ints(ints)

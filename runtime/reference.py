@@ -9,6 +9,7 @@ loaded (:meth:`Program.from_bytes`), and every run checks its inputs' dtypes and
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -27,23 +28,29 @@ def load_program(path) -> Program:
 
 
 class ReferenceRuntime:
-    def __init__(self, program: Program):
-        from femtocc.ir.ops import OPS
+    """``kernels="fast"`` (the default) runs the hot integer ops through :mod:`femtocc.runtime.kernels`,
+    which compute exactly what the specification computes; ``"spec"`` runs every op's numpy
+    definition itself (slow; the tests run both and compare)."""
 
+    def __init__(self, program: Program, kernels: str = "fast"):
+        from femtocc.ir.ops import OPS
+        from femtocc.runtime.kernels import FAST, Weight
+
+        if kernels not in ("fast", "spec"):
+            raise ValueError(f"kernels must be fast or spec, got {kernels!r}")
         self.program = program
         self.consts = {i: decode_constant(b) for i, b in enumerate(program.buffers) if b.region in CONSTANT_REGIONS}
         self.steps = []
-        # qdense weights in float64, once: qops.exact_matmul takes them as they are (exact: int8 values)
-        weights = {}
+        weights: dict[int, Weight] = {}  # a constant qdense weight, made ready for the int8 product once
         for k, ins in enumerate(program.code):
             attrs = decode_params(ins, f"instruction {k}")
-            operands = list(ins.inputs)
-            if ins.op == "qdense" and operands[1] in self.consts:
-                w = operands[1]
-                weights.setdefault(w, self.consts[w].astype(np.float64))
-                operands[1] = ("f64", w)
-            self.steps.append((k, ins, OPS[ins.op].run, attrs, operands))
-        self.weights = weights
+            fn = OPS[ins.op].run
+            if kernels == "fast" and ins.op in FAST:
+                fn = FAST[ins.op]
+                w = ins.inputs[1] if ins.op == "qdense" else None
+                if w in self.consts and self.consts[w].ndim == 2 and self.consts[w].dtype == np.int8:
+                    fn = functools.partial(fn, weight=weights.setdefault(w, Weight(self.consts[w])))
+            self.steps.append((k, ins, fn, attrs, list(ins.inputs)))
 
     def bind(self, feeds: dict[str, np.ndarray]) -> dict[str, int]:
         """``T`` and ``P`` from the inputs' shapes (:func:`solve_sizes`; :meth:`run` checks every dim)."""
@@ -68,7 +75,7 @@ class ReferenceRuntime:
                 raise ProgramError(f"{p.graph}: input {s.name} has shape {list(x.shape)}, expected {list(want)}")
             env[s.buffer] = x
         for k, ins, fn, attrs, operands in self.steps:
-            args = [self.weights[b[1]] if isinstance(b, tuple) else env[b] for b in operands]
+            args = [env[b] for b in operands]
             args += [None] if ins.op == "qdense" else []
             try:
                 results = fn(args, attrs)

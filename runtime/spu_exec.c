@@ -246,9 +246,9 @@ static int need_int(Ctx *c, const Tensor *t, const char *what, int k) {
 
 /* ------------------------------------------------------------------------------------------ ops */
 
-/* hot kernels, compiled for AVX2 and for the baseline, picked at load time */
+/* hot kernels, compiled for AVX-512, AVX2 and the baseline, picked at load time */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HOT __attribute__((target_clones("avx2", "default")))
+#define HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define HOT
 #endif
@@ -269,29 +269,8 @@ HOT static void dense_row(const int32_t *x, const int8_t *w, int64_t K, int64_t 
     }
 }
 
-/* sum_k a[k] * b[k] for int16-range operands: each product fits int32, the sum is int64 */
-static int64_t dot16_plain(const int16_t *a, const int16_t *b, int64_t K) {
-    int64_t acc = 0;
-    for (int64_t k = 0; k < K; k++) acc += (int32_t)a[k] * (int32_t)b[k];
-    return acc;
-}
-
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-/* the same with AVX2: vpmaddwd adds pairs of products in int32, exact unless a pair is
-   (-32768 * -32768) * 2 (2**31), which the caller rules out by keeping -32768 out of a */
-__attribute__((target("avx2"))) static int64_t dot16_avx2(const int16_t *a, const int16_t *b, int64_t K) {
-    __m256i acc = _mm256_setzero_si256();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m256i p = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(a + k)), _mm256_loadu_si256((const __m256i *)(b + k)));
-        acc = _mm256_add_epi64(acc, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(p)),
-                                                     _mm256_cvtepi32_epi64(_mm256_extracti128_si256(p, 1))));
-    }
-    int64_t lanes[4];
-    _mm256_storeu_si256((__m256i *)lanes, acc);
-    return lanes[0] + lanes[1] + lanes[2] + lanes[3] + dot16_plain(a + k, b + k, K - k);
-}
 static int have_avx2(void) { return __builtin_cpu_supports("avx2"); }
 /* dense_row with AVX2 on pair-interleaved weights (BufferDesc.weight_pairs): vpmaddwd takes two
    inputs at once, x[2p] * w[2p][n] + x[2p+1] * w[2p+1][n] (|.| <= 2**23) in int32, partial sums
@@ -320,7 +299,6 @@ __attribute__((target("avx2"))) static void dense_row_pairs(const int32_t *x, co
 }
 #else
 static void dense_row_pairs(const int32_t *x, const int16_t *wp, int64_t K, int64_t N, int64_t *acc, int32_t *part) {}
-static int64_t dot16_avx2(const int16_t *a, const int16_t *b, int64_t K) { return dot16_plain(a, b, K); }
 static int have_avx2(void) { return 0; }
 #endif
 
@@ -359,6 +337,46 @@ HOT static void pencil_rows(const int32_t *xt, const BufferDesc *w, int64_t *acc
     else if (H == 16) pencil_rows_h(xt, w->pencil_offsets, w->pencil_index, w->pencil_words, N / 16, acc, N, 16);
     else pencil_rows_h(xt, w->pencil_offsets, w->pencil_index, w->pencil_words, N / H, acc, N, H);
 }
+
+/* acc[r][n] = sum_k a[r][k] * b[k][n] for 4 rows of a, in double: every product of int16-range
+   operands is below 2**30 and every partial sum below 2**53 for K < 2**23 (checked by the caller),
+   so the sums are exact integers whatever the order. 4 rows x 16 columns of sums stay in registers. */
+typedef double v8d __attribute__((vector_size(64)));
+
+HOT static void matmul_rows4(const double *a, const double *b, int64_t K, int64_t N, double *acc) {
+    int64_t n0 = 0;
+    for (; n0 + 16 <= N; n0 += 16) {
+        v8d c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0}, b0, b1;
+        for (int64_t k = 0; k < K; k++) {
+            memcpy(&b0, b + k * N + n0, sizeof b0);
+            memcpy(&b1, b + k * N + n0 + 8, sizeof b1);
+            const double a0 = a[k], a1 = a[K + k], a2 = a[2 * K + k], a3 = a[3 * K + k];
+            c00 += a0 * b0, c01 += a0 * b1, c10 += a1 * b0, c11 += a1 * b1;
+            c20 += a2 * b0, c21 += a2 * b1, c30 += a3 * b0, c31 += a3 * b1;
+        }
+        memcpy(acc + n0, &c00, sizeof c00), memcpy(acc + n0 + 8, &c01, sizeof c01);
+        memcpy(acc + N + n0, &c10, sizeof c10), memcpy(acc + N + n0 + 8, &c11, sizeof c11);
+        memcpy(acc + 2 * N + n0, &c20, sizeof c20), memcpy(acc + 2 * N + n0 + 8, &c21, sizeof c21);
+        memcpy(acc + 3 * N + n0, &c30, sizeof c30), memcpy(acc + 3 * N + n0 + 8, &c31, sizeof c31);
+    }
+    for (; n0 < N; n0++)
+        for (int r = 0; r < 4; r++) {
+            double sum = 0;
+            for (int64_t k = 0; k < K; k++) sum += a[r * K + k] * b[k * N + n0];
+            acc[r * N + n0] = sum;
+        }
+}
+
+typedef struct {
+    const Tensor *a;
+    Tensor *out;
+    const double *bd; /* the batch's b as doubles: [K][N] */
+    const Instr *ins;
+    int64_t K, N, aoff, ooff;
+    int skip;
+    double issued[SPU_MAX_THREADS], skipped[SPU_MAX_THREADS];
+    int oom[SPU_MAX_THREADS];
+} MatmulWork;
 
 typedef struct {
     const Tensor *x;
@@ -454,40 +472,50 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
     return 0;
 }
 
-typedef struct {
-    const Tensor *a;
-    Tensor *out;
-    const int16_t *btr; /* the batch's b, transposed: [N][K] */
-    const Instr *ins;
-    int64_t K, N, aoff, ooff;
-    int skip;
-    double issued[SPU_MAX_THREADS], skipped[SPU_MAX_THREADS];
-    int oom[SPU_MAX_THREADS];
-} MatmulWork;
+/* out[o + i] = saturate(requant(acc[i], mult, shift), bits) for exact-integer doubles: in int64 where
+   |acc * mult| stays below 2**62 (always, for valid programs), else in 128 bits */
+static void requant_rows(const double *acc, int64_t n, int64_t mult, int64_t shift, int64_t bits, Tensor *out, int64_t o) {
+    const int64_t limit = mult ? INT64_C(0x3fffffffffffffff) / (mult < 0 ? -mult : mult) : INT64_MAX;
+    const int fast = shift >= 1 && shift <= 62 && (out->dtype == DT_I16 || out->dtype == DT_I8);
+    const int64_t half = fast ? (int64_t)1 << (shift - 1) : 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t a = (int64_t)acc[i];
+        if (!fast || a > limit || a < -limit) {
+            st(out, o + i, saturate(requant(a, mult, shift), bits));
+            continue;
+        }
+        const int64_t v = saturate((a * mult + half) >> shift, bits); /* arithmetic shift: a floor, as in rshift_round_w */
+        if (out->dtype == DT_I16)
+            ((int16_t *)out->data)[o + i] = (int16_t)v;
+        else
+            ((int8_t *)out->data)[o + i] = (int8_t)v;
+    }
+}
 
-/* rows [m0, m1) of one batch of a qmatmul */
+/* rows [m0, m1) of one batch of a qmatmul, four at a time (a short last group padded with zero rows) */
 static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
     MatmulWork *w = arg;
     const int64_t K = w->K, N = w->N;
-    int16_t *arow = malloc(sizeof(int16_t) * (size_t)(K + 1));
+    double *arows = malloc(sizeof(double) * (size_t)(4 * (K + N) + 1)), *acc = arows + 4 * K;
     double issued = 0, skipped = 0;
-    w->oom[slot] = !arow;
-    for (int64_t m = m0; m < m1 && arow; m++) {
-        int64_t nz = 0;
-        int lowest = 0; /* a row holding -32768 takes the plain dot product (see dot16_avx2) */
-        for (int64_t kk = 0; kk < K; kk++) {
-            arow[kk] = (int16_t)ld(w->a, w->aoff + m * K + kk);
-            nz += arow[kk] != 0;
-            lowest |= arow[kk] == INT16_MIN;
+    w->oom[slot] = !arows;
+    for (int64_t m = m0; m < m1 && arows; m += 4) {
+        const int64_t rows = m1 - m < 4 ? m1 - m : 4;
+        for (int64_t r = 0; r < 4; r++) {
+            int64_t nz = 0;
+            for (int64_t kk = 0; kk < K; kk++) {
+                arows[r * K + kk] = r < rows ? (double)ld(w->a, w->aoff + (m + r) * K + kk) : 0;
+                nz += arows[r * K + kk] != 0;
+            }
+            if (r < rows) {
+                issued += (double)(w->skip ? nz : K) * (double)N;
+                skipped += (double)(w->skip ? K - nz : 0) * (double)N;
+            }
         }
-        issued += (double)(w->skip ? nz : K) * (double)N;
-        skipped += (double)(w->skip ? K - nz : 0) * (double)N;
-        int64_t (*dot)(const int16_t *, const int16_t *, int64_t) = have_avx2() && !lowest ? dot16_avx2 : dot16_plain;
-        for (int64_t n = 0; n < N; n++)
-            st(w->out, w->ooff + m * N + n,
-               saturate(requant(dot(arow, w->btr + n * K, K), w->ins->a[0], w->ins->a[1]), w->ins->a[2]));
+        matmul_rows4(arows, w->bd, K, N, acc);
+        requant_rows(acc, rows * N, w->ins->a[0], w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
     }
-    free(arow);
+    free(arows);
     w->issued[slot] = issued;
     w->skipped[slot] = skipped;
 }
@@ -511,17 +539,17 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     shape[bc.rank] = M;
     shape[bc.rank + 1] = N;
     if (tensor_alloc(out, bits_dtype(ins->a[2]), bc.rank + 2, shape, c->err)) return -1;
-    int16_t *btr = malloc(sizeof(int16_t) * (size_t)(K * N + 1)); /* b transposed: [N][K] */
-    if (!btr) return spu_fail(c->err, "out of memory");
-    MatmulWork w = {.a = a, .out = out, .btr = btr, .ins = ins, .K = K, .N = N, .skip = (int)c->cfg->skip_zero_activations};
+    if (K >= ((int64_t)1 << 23)) return spu_fail(c->err, "instruction %d (qmatmul): inner dim %lld beyond 2**23", k, (long long)K);
+    double *bd = malloc(sizeof(double) * (size_t)(K * N + 1)); /* b as doubles: [K][N] */
+    if (!bd) return spu_fail(c->err, "out of memory");
+    MatmulWork w = {.a = a, .out = out, .bd = bd, .ins = ins, .K = K, .N = N, .skip = (int)c->cfg->skip_zero_activations};
     double issued = 0, skipped = 0;
     int64_t last_b = -1;
     int oom = 0;
     BCAST_LOOP(bc, 2, {
         int64_t boff = off[1] * K * N;
         if (boff != last_b) {
-            for (int64_t kk = 0; kk < K; kk++)
-                for (int64_t n = 0; n < N; n++) btr[n * K + kk] = (int16_t)ld(b, boff + kk * N + n);
+            for (int64_t kk = 0; kk < K * N; kk++) bd[kk] = (double)ld(b, boff + kk);
             last_b = boff;
         }
         w.aoff = off[0] * M * K;
@@ -533,7 +561,7 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
             oom |= w.oom[i];
         }
     });
-    free(btr);
+    free(bd);
     if (oom) return spu_fail(c->err, "out of memory");
     s->macs = issued;
     s->macs_skipped = skipped;
@@ -602,7 +630,8 @@ typedef struct {
     const Tensor *x;
     Tensor *out;
     const BufferDesc *table;
-    int64_t n, step, bits;
+    const int64_t *every; /* the interpolated table at each of its positions [0, positions) */
+    int64_t n, step, bits, positions;
     int fail[SPU_MAX_THREADS]; /* 0, or 1 out of memory, 2 outside the table, 3 negative entry, 4 bad row sum */
     int64_t total[SPU_MAX_THREADS];
 } SoftmaxWork;
@@ -610,30 +639,39 @@ typedef struct {
 /* rows [r0, r1) of a qsoftmax; a part stops at its first bad row */
 static void qsoftmax_part(void *arg, int64_t r0, int64_t r1, int slot) {
     SoftmaxWork *w = arg;
-    const int64_t n = w->n, step = w->step, bits = w->bits;
-    int64_t *e = malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
+    const int64_t n = w->n, bits = w->bits, L = w->positions, *every = w->every;
+    int64_t *e = malloc(sizeof(int64_t) * (size_t)(2 * n + 1)), *xv = e + n;
     w->fail[slot] = e ? 0 : 1;
     for (int64_t r = r0; r < r1 && !w->fail[slot]; r++) {
         int64_t m = INT64_MIN, total = 0;
-        for (int64_t j = 0; j < n; j++) { int64_t v = ld(w->x, r * n + j); m = v > m ? v : m; }
-        for (int64_t j = 0; j < n && !w->fail[slot]; j++) {
-            int64_t d = m - ld(w->x, r * n + j);
-            if ((d >> step) + (step ? 1 : 0) >= w->table->numel) { w->fail[slot] = 2; break; }
-            e[j] = lut(w->table, d, step);
+        if (w->x->dtype == DT_I16)
+            for (int64_t j = 0; j < n; j++) xv[j] = ((const int16_t *)w->x->data)[r * n + j];
+        else
+            for (int64_t j = 0; j < n; j++) xv[j] = ld(w->x, r * n + j);
+        for (int64_t j = 0; j < n; j++) m = xv[j] > m ? xv[j] : m;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t d = m - xv[j];
+            if (d >= L) { w->fail[slot] = 2; break; }
+            e[j] = every[d];
             if (e[j] < 0) { w->fail[slot] = 3; break; }
             total += e[j];
         }
         if (!w->fail[slot] && total <= 0) { w->fail[slot] = 4; w->total[slot] = total; }
+        if (w->fail[slot]) break;
         /* floor(num / total) by a float reciprocal, then made exact: the estimate is off by at most
            one (num < 2**59, quotient <= 2**15), and an integer division per element is the slow part */
         const double inv = 1.0 / (double)total;
         const int64_t half = total / 2, scale = (int64_t)1 << (bits - 1);
-        for (int64_t j = 0; j < n && !w->fail[slot]; j++) {
+        for (int64_t j = 0; j < n; j++) {
             int64_t num = e[j] * scale + half, q = (int64_t)((double)num * inv);
             while (q > 0 && q * total > num) q--;
             while ((q + 1) * total <= num) q++;
-            st(w->out, r * n + j, saturate(q, bits));
+            e[j] = saturate(q, bits);
         }
+        if (w->out->dtype == DT_I16)
+            for (int64_t j = 0; j < n; j++) ((int16_t *)w->out->data)[r * n + j] = (int16_t)e[j];
+        else
+            for (int64_t j = 0; j < n; j++) st(w->out, r * n + j, e[j]);
     }
     free(e);
 }
@@ -647,8 +685,14 @@ static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats 
         return spu_fail(c->err, "instruction %d (qsoftmax): table must be an i32 constant of 2**(input bits - step_bits)+1 entries", k);
     if (tensor_alloc(out, bits_dtype(bits), x->rank, x->shape, c->err)) return -1;
     int64_t n = x->shape[x->rank - 1], rows = n ? x->numel / n : 0;
-    SoftmaxWork w = {.x = x, .out = out, .table = table, .n = n, .step = step, .bits = bits};
+    /* positions d with (d >> step) + 1 < entries (d < entries without a step): evaluated once here */
+    int64_t positions = step ? (table->numel - 1) << step : table->numel;
+    int64_t *every = malloc(sizeof(int64_t) * (size_t)positions);
+    if (!every) return spu_fail(c->err, "out of memory");
+    for (int64_t d = 0; d < positions; d++) every[d] = lut(table, d, step);
+    SoftmaxWork w = {.x = x, .out = out, .table = table, .every = every, .n = n, .step = step, .bits = bits, .positions = positions};
     int parts = parallel_for(rows, 4.0 * (double)x->numel, qsoftmax_part, &w);
+    free(every);
     for (int i = 0; i < parts; i++) { /* the first failing row, as one thread would have met it */
         if (w.fail[i] == 1) return spu_fail(c->err, "out of memory");
         if (w.fail[i] == 2) return spu_fail(c->err, "instruction %d (qsoftmax): input outside the table", k);
