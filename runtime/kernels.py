@@ -43,6 +43,18 @@ except ImportError:  # pragma: no cover - the extension is part of the package b
     _refkern = None
 
 
+def _int_mm_works() -> bool:
+    """Whether this torch build has a CPU int8 matrix product (x86 builds do; others may not)."""
+    try:
+        a = torch.ones((2, 8), dtype=torch.int8)
+        return bool((torch._int_mm(a, a.t().contiguous()) == 8).all())
+    except (AttributeError, RuntimeError, NotImplementedError):  # pragma: no cover - platform dependent
+        return False
+
+
+INT_MM = _refkern is not None and _int_mm_works()
+
+
 class Weight:
     """A constant int8 weight [K, N] ready for ``torch._int_mm``, with its column sums."""
 
@@ -60,7 +72,7 @@ def fast_qdense(xs, attrs, weight: Weight | None = None):
     Rows go a block at a time through one reused int32 buffer (a fresh product of every row at once
     costs more in page faults than in arithmetic)."""
     x, w, bias, mult, _ = xs
-    if not supported(x, shift=attrs["shift"]) or w.dtype != np.int8 or w.ndim != 2 or w.shape[0] > MAX_INNER:
+    if not INT_MM or not supported(x, shift=attrs["shift"]) or w.dtype != np.int8 or w.ndim != 2 or w.shape[0] > MAX_INNER:
         return OPS["qdense"].run(xs, attrs)
     weight = weight or Weight(w)
     K, N = w.shape
