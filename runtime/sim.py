@@ -8,7 +8,6 @@ target description (``targets/spu001/spu001.toml``); nothing the description hol
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,19 +20,9 @@ STAT_FIELDS: tuple[str, ...] = ()
 def extension():
     """The compiled simulator; ``$FEMTOCC_SPUSIM`` may name another build of it (the sanitizer build
     that CI runs the simulator tests under)."""
-    override = os.environ.get("FEMTOCC_SPUSIM")
-    if not override:
-        from femtocc.runtime import _spusim
+    from femtocc.runtime import extension as load
 
-        return _spusim
-    import importlib.machinery
-    import importlib.util
-
-    loader = importlib.machinery.ExtensionFileLoader("femtocc.runtime._spusim", override)
-    spec = importlib.util.spec_from_file_location("femtocc.runtime._spusim", override, loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return load("_spusim", "FEMTOCC_SPUSIM")
 
 
 def sim_config(target) -> dict:

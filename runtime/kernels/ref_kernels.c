@@ -248,7 +248,7 @@ static PyObject *layer_norm(PyObject *self, PyObject *args) {
         if (sd * sd > q) sd -= 1;
         if ((sd + 1) * (sd + 1) <= q) sd += 1;
         for (Py_ssize_t j = 0; j < n; j++) {
-            const int64_t num = ((load(x.buf, size, base + j) - mu) * g[j]) << f;
+            const int64_t num = wrap_mul((load(x.buf, size, base + j) - mu) * g[j], (int64_t)1 << f); /* no UB shift */
             store(out.buf, bits, base + j, rshift_round(floordiv(2 * num + sd, 2 * sd), gs) + b[j]);
         }
     }
