@@ -84,8 +84,9 @@ def gptq_weights(bundle, calib, tokens, bits: int, progress: bool) -> dict:
 
 
 def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
-    """Copy the (pruned) weights of ``model`` into the float graphs' ``dense`` nodes, by module path;
-    ``scales`` (GPTQ grids) go on the constants as ``weight_scale``."""
+    """Copy the (pruned) weights of ``model`` into the float graphs' ``dense`` nodes, by module path,
+    and the token table into the embedding lookup and the output projection tied to it; ``scales``
+    (GPTQ grids) go on the dense constants as ``weight_scale``."""
     from femtocc.passes.calibrate import prunable_layers
     from femtocc.passes.prune import weight_matrix
 
@@ -93,7 +94,17 @@ def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
     done = 0
     for g in graphs.values():
         for node in g.nodes:
-            module = layers.get(node.meta.get("scope", ""))
+            scope = node.meta.get("scope", "")
+            module = layers.get("proj_out" if scope == "decoder.embed_tokens" else scope)
+            if module is not None and node.op in ("gather", "transpose") and node.inputs[0].is_constant:
+                # the token table, tied: the embedding lookup's table and the output projection's
+                # weight, which the lowered graph still holds as transpose(constant) [V, d]
+                w = weight_matrix(module)
+                if node.inputs[0].data.shape != w.shape:
+                    raise FemtoccError(f"compile: weight of {scope} is {w.shape}, graph has {node.inputs[0].data.shape}")
+                node.inputs[0].data = np.ascontiguousarray(w, dtype=np.float32)
+                done += 1
+                continue
             if node.op != "dense" or module is None or not node.inputs[1].is_constant:
                 continue
             w = weight_matrix(module).T

@@ -72,3 +72,28 @@ def test_plan_then_compile_keeps_the_encoder_in_its_budget(tiny, dev_data, tmp_p
     assert abs(check["scope_bytes"] - plan["scope_bytes"]) <= 0.01 * plan["scope_bytes"]
     assert "SRAM-resident" in capsys.readouterr().out
     assert main(["compile", "whisper-tiny.en", "--plan", str(path), "--method", "obs", "-o", str(tmp_path / "x")]) == 2
+
+
+def test_compile_puts_the_pruned_token_table_into_both_of_its_uses(tiny, tiny_onnx):
+    """A whole-model plan prunes the tied token table: compile must carry it into the embedding
+    lookup and into the output projection (the lowered graph holds it as transpose(constant)), not
+    only into the dense layers (it once compiled the unpruned table: 7.2 MB against 1.05 MB planned)."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from femtocc.compile import put_weights
+    from femtocc.frontend.onnx_export import load_onnx
+    from femtocc.frontend.onnx_ir import import_onnx
+    from femtocc.passes import PassManager, pipeline
+
+    model = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        model.proj_out.weight[::2] = 0  # tied: the embedding's rows too
+    g = PassManager.parse(pipeline("lowered")).run(import_onnx(load_onnx(tiny_onnx["decoder_step"]), "decoder_step"))
+    assert put_weights({"decoder_step": g}, model) == 2 + 4 * 8  # the table twice, 8 dense layers per block
+    table = [n.inputs[0].data for n in g.nodes if n.op in ("gather", "transpose") and n.meta.get("scope") in
+             ("decoder.embed_tokens", "proj_out") and n.inputs[0].is_constant]
+    assert len(table) == 2
+    assert all(np.array_equal(t, model.proj_out.weight.detach().numpy()) and not t[::2].any() for t in table)
