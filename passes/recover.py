@@ -71,13 +71,6 @@ class RecoverConfig:
     context_s: int = 30  # the student's encoder context (a bucket, femtocc.frontend.onnx_export); the teacher's is 30
 
 
-def context_frames(config, cfg: RecoverConfig) -> int | None:
-    """Encoder frames of the student's context, None for Whisper's full 30-s window."""
-    from femtocc.frontend.onnx_export import bucket_frames
-
-    return bucket_frames(config, cfg.context_s)
-
-
 def _student_module(model, frames: int | None):
     """``model`` (transformers Whisper) as a module whose forward encodes only ``frames`` encoder
     frames (all of them for None); the module DistributedDataParallel wraps."""
@@ -248,7 +241,9 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
         raise FemtoccError(f"{len(windows)} training windows cannot feed {world} processes")
     torch.manual_seed(cfg.seed * 1000 + stage)
     model = student.model.to(device)
-    frames = context_frames(model.config, cfg)
+    from femtocc.frontend.onnx_export import bucket_frames
+
+    frames = bucket_frames(model.config, cfg.context_s)  # None: Whisper's full 30-s window
     net = _student_module(model, frames)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -87,12 +87,9 @@ static PyObject *done(Py_buffer **bufs, int n, PyObject *result) {
 /* one output row of requant: acc holds the row's digit sums on entry */
 HOT static void requant_row(int64_t *acc, Py_ssize_t N, int64_t rm, const int64_t *cl, const int64_t *mu, int per_channel,
                             int64_t shift, int64_t bits, void *out) {
-    const int64_t half = (int64_t)1 << (shift - 1), q = ((int64_t)1 << (bits - 1)) - 1;
-    for (Py_ssize_t n = 0; n < N; n++) {
-        int64_t v = wrap_add(wrap_mul(wrap_add(wrap_add(acc[n], rm), cl[n]), mu[per_channel ? n : 0]), half) >> shift;
-        v = v > q ? q : v;
-        acc[n] = v < -q ? -q : v;
-    }
+    const int64_t half = (int64_t)1 << (shift - 1);
+    for (Py_ssize_t n = 0; n < N; n++)
+        acc[n] = saturate(wrap_add(wrap_mul(wrap_add(wrap_add(acc[n], rm), cl[n]), mu[per_channel ? n : 0]), half) >> shift, bits);
     if (bits <= 8)
         for (Py_ssize_t n = 0; n < N; n++) ((int8_t *)out)[n] = (int8_t)acc[n];
     else
@@ -258,16 +255,9 @@ static PyObject *layer_norm(PyObject *self, PyObject *args) {
 
 HOT static void add_loop(const void *a, const void *b, Py_ssize_t size, Py_ssize_t n, int64_t ma, int64_t mb, int64_t shift,
                          int64_t bits, void *out) {
-    const int64_t half = (int64_t)1 << (shift - 1), q = ((int64_t)1 << (bits - 1)) - 1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t v = wrap_add(wrap_add(wrap_mul(load(a, size, i), ma), wrap_mul(load(b, size, i), mb)), half) >> shift;
-        v = v > q ? q : v;
-        v = v < -q ? -q : v;
-        if (bits <= 8)
-            ((int8_t *)out)[i] = (int8_t)v;
-        else
-            ((int16_t *)out)[i] = (int16_t)v;
-    }
+    const int64_t half = (int64_t)1 << (shift - 1);
+    for (Py_ssize_t i = 0; i < n; i++)
+        store(out, bits, i, wrap_add(wrap_add(wrap_mul(load(a, size, i), ma), wrap_mul(load(b, size, i), mb)), half) >> shift);
 }
 
 static PyObject *add(PyObject *self, PyObject *args) {
