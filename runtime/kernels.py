@@ -22,6 +22,7 @@ so results and error messages are the specification's in every case.
 
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,7 +34,7 @@ from femtocc.ir.ops import OPS
 # int32 partial sums are exact while 255 * 128 * K < 2**31, even where the library computes s8 x s8
 # as u8 x s8 plus a compensation (VNNI): inner sizes up to 2**16
 MAX_INNER = 1 << 16
-SMALL = 1 << 14  # qmatmul results with fewer elements take the specification's path
+FEW_ROWS = 8  # qdense and qmatmul with at most this many rows (a decoding step) take the one-pass C product
 
 try:
     import torch
@@ -81,9 +82,14 @@ def fast_qdense(xs, attrs, weight: Weight | None = None):
     x2 = x.reshape(-1, K)
     M, digits = len(x2), 1 if x.dtype == np.int8 else 2
     out = np.empty((M, N), qops.DTYPES[qops.qdtype(attrs["bits"])])
+    mult = np.ascontiguousarray(mult, np.int64).reshape(-1)
+    if M <= FEW_ROWS:  # a decoding step: one pass in C over the weight
+        bias, x2, w = np.ascontiguousarray(np.broadcast_to(bias, (N,)), np.int64), np.ascontiguousarray(x2), weight.matrix.numpy()
+        in_parallel(N, lambda n0, n1: _refkern.matmul(x2, w, 1, 1, M, K, N, bias, mult, attrs["shift"], attrs["bits"], out, n0, n1),
+                    least=1 << 22, elements_per_row=M * K)  # threads pay only for the vocabulary projection
+        return [out.reshape(*x.shape[:-1], N)]
     offset = 128 if digits == 2 else 0
     col = np.ascontiguousarray(offset * weight.sums + bias, np.int64)
-    mult = np.ascontiguousarray(mult, np.int64).reshape(-1)
     rows = max(1, min(M, (1 << 19) // max(digits * N, 1)))  # a 2-MiB block of int32 products
     R = torch.empty((digits * rows, N), dtype=torch.int32)
     zero = np.zeros(rows, np.int64)
@@ -105,10 +111,18 @@ def fast_qmatmul(xs, attrs):
         return OPS["qmatmul"].run(xs, attrs)
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     M, N = a.shape[-2], b.shape[-1]
-    if M * N * math.prod(batch) < SMALL:  # a decoding step's few rows: numpy's own path costs less
-        return OPS["qmatmul"].run(xs, attrs)
+    if M <= FEW_ROWS:  # a decoding step's few rows: one pass in C
+        K = a.shape[-1]
+        a3 = np.ascontiguousarray(np.broadcast_to(a, (*batch, M, K))).reshape(-1, M, K)
+        shared = math.prod(b.shape[:-2]) == 1  # one b for every batch entry: no copies of it
+        b3 = np.ascontiguousarray(b).reshape(1, K, N) if shared else \
+            np.ascontiguousarray(np.broadcast_to(b, (*batch, K, N))).reshape(-1, K, N)
+        out = np.empty((len(a3), M, N), qops.DTYPES[qops.qdtype(attrs["bits"])])
+        _refkern.matmul(a3, b3, len(a3), len(b3), M, K, N, np.zeros(N, np.int64), np.array([attrs["mult"]], np.int64),
+                        attrs["shift"], attrs["bits"], out, 0, N)
+        return [out.reshape(*batch, M, N)]
     a = np.broadcast_to(a, (*batch, *a.shape[-2:])).reshape(-1, *a.shape[-2:])
-    b = np.broadcast_to(b, (*batch, *b.shape[-2:])).reshape(-1, *b.shape[-2:]).astype(np.float64)
+    b = torch.from_numpy(np.broadcast_to(b, (*batch, *b.shape[-2:])).reshape(-1, *b.shape[-2:]).astype(np.float64))
     out = np.empty((len(a), M, N), qops.DTYPES[qops.qdtype(attrs["bits"])])
     rows = max(1, min(M, (1 << 18) // max(N, 1)))  # a 2-MiB block of float64 products
     acc = np.empty((rows, N))
@@ -116,7 +130,7 @@ def fast_qmatmul(xs, attrs):
     for h in range(len(a)):
         for r0 in range(0, M, rows):
             n = min(rows, M - r0)
-            np.matmul(a[h, r0:r0 + n].astype(np.float64), b[h], out=acc[:n])
+            torch.mm(torch.from_numpy(a[h, r0:r0 + n].astype(np.float64)), b[h], out=torch.from_numpy(acc[:n]))
             _refkern.requant(acc[:n], 1, n, N, zero[:n], zero[:N], mult, attrs["shift"], attrs["bits"], out[h, r0:r0 + n])
     return [out.reshape(*batch, M, N)]
 
@@ -138,7 +152,13 @@ def in_parallel(rows: int, run, least: int = 1 << 16, elements_per_row: int = 1)
 
 
 def _every(table: np.ndarray, step_bits: int) -> np.ndarray:
-    return qops._lut_every_position(np.ascontiguousarray(table, np.int32).tobytes(), step_bits)
+    """The table's value at every position, as int32 (an interpolated value lies between two int32 entries)."""
+    return _every_int32(np.ascontiguousarray(table, np.int32).tobytes(), step_bits)
+
+
+@functools.lru_cache(maxsize=32)
+def _every_int32(table: bytes, step_bits: int) -> np.ndarray:
+    return qops._lut_every_position(table, step_bits).astype(np.int32)
 
 
 def _out(x: np.ndarray, bits: int) -> np.ndarray:

@@ -423,7 +423,7 @@ def float_io(run_ints, input_types: dict, output_scales: dict):
                 ints[name] = last[name][1]
             elif scale:
                 lim = np.iinfo(dt).max
-                ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -lim, lim).astype(dt)
+                ints[name] = np.clip(np.rint(np.asarray(x, np.float32) / np.float32(scale)), -lim, lim).astype(dt, order="C")  # row-major, as the program lays it out
                 last[name] = (x, ints[name])
             else:
                 ints[name] = np.asarray(x).astype(dt)

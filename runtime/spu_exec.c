@@ -372,7 +372,7 @@ typedef struct {
     Tensor *out;
     const double *bd; /* the batch's b as doubles: [K][N] */
     const Instr *ins;
-    int64_t K, N, aoff, ooff;
+    int64_t M, K, N, aoff, ooff;
     int skip;
     double issued[SPU_MAX_THREADS], skipped[SPU_MAX_THREADS];
     int oom[SPU_MAX_THREADS];
@@ -520,6 +520,46 @@ static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
     w->skipped[slot] = skipped;
 }
 
+/* acc[n] = sum_k a[k] * b[k][n] straight from b's integers, for the few rows of a decoding step (no
+   double copy of b): each product (|.| <= 2**30) in int32, summed in int64, exact */
+#define FEW_ROW(TB)                                                                                          \
+    HOT static void few_row_##TB(const int32_t *restrict a, const TB *restrict b, int64_t K, int64_t N,      \
+                                 int64_t *restrict acc) {                                                    \
+        for (int64_t n = 0; n < N; n++) acc[n] = 0;                                                          \
+        for (int64_t k = 0; k < K; k++) {                                                                    \
+            const int32_t av = a[k];                                                                         \
+            if (!av) continue;                                                                               \
+            const TB *restrict bk = b + k * N;                                                               \
+            for (int64_t n = 0; n < N; n++) acc[n] += av * (int32_t)bk[n];                                   \
+        }                                                                                                    \
+    }
+FEW_ROW(int16_t)
+FEW_ROW(int8_t)
+
+/* rows [0, M) of one batch of a qmatmul with M < 4; the counts as qmatmul_part keeps them */
+static int qmatmul_few(MatmulWork *w, const Tensor *b, int64_t boff, double *issued, double *skipped) {
+    const int64_t K = w->K, N = w->N, M = w->M;
+    int32_t *arow = malloc(sizeof(int32_t) * (size_t)(K + 1));
+    int64_t *acc = malloc(sizeof(int64_t) * (size_t)(N + 1));
+    double *accd = malloc(sizeof(double) * (size_t)(N + 1));
+    int ok = arow && acc && accd;
+    for (int64_t m = 0; m < M && ok; m++) {
+        int64_t nz = 0;
+        for (int64_t kk = 0; kk < K; kk++) {
+            arow[kk] = (int32_t)ld(w->a, w->aoff + m * K + kk);
+            nz += arow[kk] != 0;
+        }
+        *issued += (double)(w->skip ? nz : K) * (double)N;
+        *skipped += (double)(w->skip ? K - nz : 0) * (double)N;
+        if (b->dtype == DT_I16) few_row_int16_t(arow, (const int16_t *)b->data + boff, K, N, acc);
+        else few_row_int8_t(arow, (const int8_t *)b->data + boff, K, N, acc);
+        for (int64_t n = 0; n < N; n++) accd[n] = (double)acc[n]; /* |acc| < 2**53 for K < 2**23 */
+        requant_rows(accd, N, w->ins->a[0], w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
+    }
+    free(arow); free(acc); free(accd);
+    return ok ? 0 : -1;
+}
+
 static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *a = &c->env[operand(ins, 0)], *b = &c->env[operand(ins, 1)];
     if (need_int(c, a, "qmatmul operand", k) || need_int(c, b, "qmatmul operand", k)) return -1;
@@ -540,25 +580,31 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     shape[bc.rank + 1] = N;
     if (tensor_alloc(out, bits_dtype(ins->a[2]), bc.rank + 2, shape, c->err)) return -1;
     if (K >= ((int64_t)1 << 23)) return spu_fail(c->err, "instruction %d (qmatmul): inner dim %lld beyond 2**23", k, (long long)K);
-    double *bd = malloc(sizeof(double) * (size_t)(K * N + 1)); /* b as doubles: [K][N] */
-    if (!bd) return spu_fail(c->err, "out of memory");
-    MatmulWork w = {.a = a, .out = out, .bd = bd, .ins = ins, .K = K, .N = N, .skip = (int)c->cfg->skip_zero_activations};
+    const int few = M < 4 && (b->dtype == DT_I16 || b->dtype == DT_I8); /* a decoding step: from the integers */
+    double *bd = few ? NULL : malloc(sizeof(double) * (size_t)(K * N + 1)); /* b as doubles: [K][N] */
+    if (!few && !bd) return spu_fail(c->err, "out of memory");
+    MatmulWork w = {.a = a, .out = out, .bd = bd, .ins = ins, .M = M, .K = K, .N = N,
+                    .skip = (int)c->cfg->skip_zero_activations};
     double issued = 0, skipped = 0;
     int64_t last_b = -1;
     int oom = 0;
     BCAST_LOOP(bc, 2, {
         int64_t boff = off[1] * K * N;
-        if (boff != last_b) {
-            for (int64_t kk = 0; kk < K * N; kk++) bd[kk] = (double)ld(b, boff + kk);
-            last_b = boff;
-        }
         w.aoff = off[0] * M * K;
         w.ooff = out_ * M * N;
-        int parts = parallel_for(M, (double)M * (double)K * (double)N, qmatmul_part, &w);
-        for (int i = 0; i < parts; i++) {
-            issued += w.issued[i];
-            skipped += w.skipped[i];
-            oom |= w.oom[i];
+        if (few) {
+            oom |= qmatmul_few(&w, b, boff, &issued, &skipped);
+        } else {
+            if (boff != last_b) {
+                for (int64_t kk = 0; kk < K * N; kk++) bd[kk] = (double)ld(b, boff + kk);
+                last_b = boff;
+            }
+            int parts = parallel_for(M, (double)M * (double)K * (double)N, qmatmul_part, &w);
+            for (int i = 0; i < parts; i++) {
+                issued += w.issued[i];
+                skipped += w.skipped[i];
+                oom |= w.oom[i];
+            }
         }
     });
     free(bd);
@@ -601,6 +647,25 @@ static int op_elementwise(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     return 0;
 }
 
+typedef struct {
+    const Tensor *x;
+    Tensor *out;
+    const int32_t *every; /* the interpolated table at each of its positions [0, positions) */
+    int64_t half, bits, positions;
+    int64_t bad[SPU_MAX_THREADS]; /* the part's first element outside the table, or -1 */
+} GeluWork;
+
+/* qgelu over elements [i0, i1) */
+static void qgelu_part(void *arg, int64_t i0, int64_t i1, int slot) {
+    GeluWork *g = arg;
+    g->bad[slot] = -1;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t u = ld(g->x, i) + g->half;
+        if (u < 0 || u >= g->positions) { g->bad[slot] = i; return; }
+        st(g->out, i, saturate(g->every[u], g->bits));
+    }
+}
+
 static int op_unary_table(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *x = &c->env[operand(ins, 0)];
     if (need_int(c, x, "input", k)) return -1;
@@ -614,13 +679,17 @@ static int op_unary_table(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     int64_t bits = ins->a[1], step = ins->a[0];
     if (!table || table->dtype != DT_I32 || table->numel != (((int64_t)1 << (bits - step)) + 1) || step > bits)
         return spu_fail(c->err, "instruction %d (qgelu): table must be an i32 constant of 2**(bits-step_bits)+1 entries", k);
-    int64_t half = (int64_t)1 << (bits - 1);
-    for (int64_t i = 0; i < x->numel; i++) {
-        int64_t u = ld(x, i) + half;
-        if (u < 0 || (u >> step) + (step ? 1 : 0) >= table->numel)
-            return spu_fail(c->err, "instruction %d (qgelu): input %lld outside the table", k, (long long)ld(x, i));
-        st(out, i, saturate(lut(table, u, step), bits));
-    }
+    GeluWork g = {.x = x, .out = out, .half = (int64_t)1 << (bits - 1), .bits = bits,
+                  .positions = step ? (table->numel - 1) << step : table->numel};
+    int32_t *every = malloc(sizeof(int32_t) * (size_t)g.positions);
+    if (!every) return spu_fail(c->err, "out of memory");
+    for (int64_t u = 0; u < g.positions; u++) every[u] = (int32_t)lut(table, u, step); /* between two i32 entries */
+    g.every = every;
+    int parts = parallel_for(x->numel, 2.0 * (double)x->numel, qgelu_part, &g);
+    free(every);
+    for (int i = 0; i < parts; i++) /* the first element outside the table, as one thread would have met it */
+        if (g.bad[i] >= 0)
+            return spu_fail(c->err, "instruction %d (qgelu): input %lld outside the table", k, (long long)ld(x, g.bad[i]));
     s->elements = (double)x->numel;
     s->lookups = (double)x->numel;
     return 0;
@@ -630,44 +699,69 @@ typedef struct {
     const Tensor *x;
     Tensor *out;
     const BufferDesc *table;
-    const int64_t *every; /* the interpolated table at each of its positions [0, positions) */
+    const int32_t *every; /* the interpolated table at each of its positions [0, positions) */
     int64_t n, step, bits, positions;
     int fail[SPU_MAX_THREADS]; /* 0, or 1 out of memory, 2 outside the table, 3 negative entry, 4 bad row sum */
     int64_t total[SPU_MAX_THREADS];
 } SoftmaxWork;
 
+/* one row of a qsoftmax into e: 0, or 2 outside the table, 3 a negative entry, 4 a row sum that is not
+ * positive (into *bad_total), whichever comes first along the row. Plain passes
+ * over the row that the compiler vectorises (the table read is a gather). */
+HOT static int softmax_row(const int32_t *restrict xv, int64_t n, const int32_t *restrict every, int64_t L, int64_t bits,
+                           int32_t *restrict e, int64_t *bad_total) {
+    int32_t m = INT32_MIN, lo = INT32_MAX, neg = 0;
+    int64_t total = 0;
+    for (int64_t j = 0; j < n; j++) {
+        m = xv[j] > m ? xv[j] : m;
+        lo = xv[j] < lo ? xv[j] : lo;
+    }
+    if ((int64_t)m - lo < L)
+        for (int64_t j = 0; j < n; j++) {
+            e[j] = every[m - xv[j]];
+            neg |= e[j] < 0;
+            total += e[j];
+        }
+    if ((int64_t)m - lo >= L || neg) /* which comes first along the row */
+        for (int64_t j = 0; j < n; j++) {
+            if (m - xv[j] >= L) return 2;
+            if (every[m - xv[j]] < 0) return 3;
+        }
+    if (total <= 0) { *bad_total = total; return 4; }
+    if (total >= (INT64_C(1) << 51)) { /* beyond the double path: integer division (num < 2**62) */
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t q = ((int64_t)e[j] * ((int64_t)1 << (bits - 1)) + total / 2) / total;
+            e[j] = (int32_t)saturate(q, bits);
+        }
+        return 0;
+    }
+    /* q = floor(num / total) for num = e * 2**(bits-1) + floor(total / 2) < 2**52: all exact integers in
+       double; the reciprocal's estimate is within one of q, one step each way makes it exact */
+    const double t = (double)total, half = (double)(total / 2), scale = (double)((int64_t)1 << (bits - 1)), top = scale - 1,
+                 inv = 1.0 / t;
+    for (int64_t j = 0; j < n; j++) {
+        const double num = (double)e[j] * scale + half;
+        double q = (double)(int32_t)(num * inv); /* truncation: num * inv in [0, 2**16) */
+        q = q * t > num ? q - 1 : q;
+        q = (q + 1) * t <= num ? q + 1 : q;
+        e[j] = (int32_t)(q > top ? top : q);
+    }
+    return 0;
+}
+
 /* rows [r0, r1) of a qsoftmax; a part stops at its first bad row */
 static void qsoftmax_part(void *arg, int64_t r0, int64_t r1, int slot) {
     SoftmaxWork *w = arg;
-    const int64_t n = w->n, bits = w->bits, L = w->positions, *every = w->every;
-    int64_t *e = malloc(sizeof(int64_t) * (size_t)(2 * n + 1)), *xv = e + n;
+    const int64_t n = w->n;
+    int32_t *e = malloc(sizeof(int32_t) * (size_t)(2 * n + 1)), *xv = e + n;
     w->fail[slot] = e ? 0 : 1;
     for (int64_t r = r0; r < r1 && !w->fail[slot]; r++) {
-        int64_t m = INT64_MIN, total = 0;
         if (w->x->dtype == DT_I16)
             for (int64_t j = 0; j < n; j++) xv[j] = ((const int16_t *)w->x->data)[r * n + j];
         else
-            for (int64_t j = 0; j < n; j++) xv[j] = ld(w->x, r * n + j);
-        for (int64_t j = 0; j < n; j++) m = xv[j] > m ? xv[j] : m;
-        for (int64_t j = 0; j < n; j++) {
-            const int64_t d = m - xv[j];
-            if (d >= L) { w->fail[slot] = 2; break; }
-            e[j] = every[d];
-            if (e[j] < 0) { w->fail[slot] = 3; break; }
-            total += e[j];
-        }
-        if (!w->fail[slot] && total <= 0) { w->fail[slot] = 4; w->total[slot] = total; }
+            for (int64_t j = 0; j < n; j++) xv[j] = (int32_t)ld(w->x, r * n + j);
+        w->fail[slot] = softmax_row(xv, n, w->every, w->positions, w->bits, e, &w->total[slot]);
         if (w->fail[slot]) break;
-        /* floor(num / total) by a float reciprocal, then made exact: the estimate is off by at most
-           one (num < 2**59, quotient <= 2**15), and an integer division per element is the slow part */
-        const double inv = 1.0 / (double)total;
-        const int64_t half = total / 2, scale = (int64_t)1 << (bits - 1);
-        for (int64_t j = 0; j < n; j++) {
-            int64_t num = e[j] * scale + half, q = (int64_t)((double)num * inv);
-            while (q > 0 && q * total > num) q--;
-            while ((q + 1) * total <= num) q++;
-            e[j] = saturate(q, bits);
-        }
         if (w->out->dtype == DT_I16)
             for (int64_t j = 0; j < n; j++) ((int16_t *)w->out->data)[r * n + j] = (int16_t)e[j];
         else
@@ -687,9 +781,9 @@ static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats 
     int64_t n = x->shape[x->rank - 1], rows = n ? x->numel / n : 0;
     /* positions d with (d >> step) + 1 < entries (d < entries without a step): evaluated once here */
     int64_t positions = step ? (table->numel - 1) << step : table->numel;
-    int64_t *every = malloc(sizeof(int64_t) * (size_t)positions);
+    int32_t *every = malloc(sizeof(int32_t) * (size_t)positions);
     if (!every) return spu_fail(c->err, "out of memory");
-    for (int64_t d = 0; d < positions; d++) every[d] = lut(table, d, step);
+    for (int64_t d = 0; d < positions; d++) every[d] = (int32_t)lut(table, d, step); /* between two i32 entries */
     SoftmaxWork w = {.x = x, .out = out, .table = table, .every = every, .n = n, .step = step, .bits = bits, .positions = positions};
     int parts = parallel_for(rows, 4.0 * (double)x->numel, qsoftmax_part, &w);
     free(every);
@@ -704,6 +798,35 @@ static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats 
     return 0;
 }
 
+typedef struct {
+    const Tensor *x;
+    Tensor *out;
+    const BufferDesc *gamma, *beta;
+    int64_t n, eps, gs, bits;
+} LayerNormWork;
+
+/* rows [r0, r1) of a qlayer_norm */
+static void qlayer_norm_part(void *arg, int64_t r0, int64_t r1, int slot) {
+    const LayerNormWork *w = arg;
+    const Tensor *x = w->x;
+    const int64_t n = w->n;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t sum = 0, var = 0;
+        for (int64_t j = 0; j < n; j++) sum += ld(x, r * n + j);
+        int64_t mu = floordiv(2 * sum + n, 2 * n);
+        for (int64_t j = 0; j < n; j++) { int64_t d = ld(x, r * n + j) - mu; var += d * d; }
+        var = var / n + w->eps;
+        int64_t f = floordiv(40 - bit_length(var), 2);
+        f = f > 0 ? f : 0;
+        int64_t sd = isqrt64(var * ((int64_t)1 << (2 * f)));
+        for (int64_t j = 0; j < n; j++) {
+            int64_t num = (ld(x, r * n + j) - mu) * w->gamma->values[j] * ((int64_t)1 << f);
+            int64_t y = clamp64((wide)rshift_round(floordiv(2 * num + sd, 2 * sd), w->gs) + w->beta->values[j]);
+            st(w->out, r * n + j, saturate(y, w->bits));
+        }
+    }
+}
+
 static int op_qlayer_norm(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
     const Tensor *x = &c->env[operand(ins, 0)];
     const BufferDesc *gamma = const_of(c, operand(ins, 1)), *beta = const_of(c, operand(ins, 2));
@@ -715,22 +838,10 @@ static int op_qlayer_norm(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
         if (gamma->values[j] > (INT64_C(1) << 24) || gamma->values[j] < -(INT64_C(1) << 24))
             return spu_fail(c->err, "instruction %d (qlayer_norm): gamma beyond 2**24", k);
     if (tensor_alloc(out, bits_dtype(ins->a[2]), x->rank, x->shape, c->err)) return -1;
-    int64_t rows = x->numel / n, eps = ins->a[0], gs = ins->a[1], bits = ins->a[2];
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t sum = 0, var = 0;
-        for (int64_t j = 0; j < n; j++) sum += ld(x, r * n + j);
-        int64_t mu = floordiv(2 * sum + n, 2 * n);
-        for (int64_t j = 0; j < n; j++) { int64_t d = ld(x, r * n + j) - mu; var += d * d; }
-        var = var / n + eps;
-        int64_t f = floordiv(40 - bit_length(var), 2);
-        f = f > 0 ? f : 0;
-        int64_t sd = isqrt64(var * ((int64_t)1 << (2 * f)));
-        for (int64_t j = 0; j < n; j++) {
-            int64_t num = (ld(x, r * n + j) - mu) * gamma->values[j] * ((int64_t)1 << f);
-            int64_t y = clamp64((wide)rshift_round(floordiv(2 * num + sd, 2 * sd), gs) + beta->values[j]);
-            st(out, r * n + j, saturate(y, bits));
-        }
-    }
+    LayerNormWork w = {.x = x, .out = out, .gamma = gamma, .beta = beta, .n = n, .eps = ins->a[0], .gs = ins->a[1],
+                       .bits = ins->a[2]};
+    int64_t rows = x->numel / n;
+    parallel_for(rows, 4.0 * (double)x->numel, qlayer_norm_part, &w);
     s->elements = (double)x->numel;
     s->lookups = (double)rows; /* one square root per row */
     return 0;

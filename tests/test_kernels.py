@@ -73,6 +73,41 @@ def test_qmatmul(a_shape, b_shape):
     same("qmatmul", kernels.fast_qmatmul, [a.astype(np.int8), b.astype(np.int8)], {"mult": 77, "shift": 9, "bits": 8})
 
 
+@pytest.mark.parametrize("a_dtype, b_dtype", [(np.int16, np.int16), (np.int8, np.int16), (np.int16, np.int8), (np.int8, np.int8)])
+@pytest.mark.parametrize("a_shape, b_shape", [((1, 6, 1, 64), (1, 6, 64, 1500)), ((1, 6, 3, 1500), (1, 6, 1500, 64)),
+                                              ((6, 2, 64), (64, 700)), ((1, 2, 40), (3, 40, 9)), ((8, 5), (5, 0))])
+def test_qmatmul_few_rows(a_dtype, b_dtype, a_shape, b_shape):
+    """A decoding step's product (one pass in C), every dtype pair and broadcast; the most negative int16
+    at both sides: two such products overflow int32, each goes to int64."""
+    a, b = ints(a_shape, a_dtype, seed=20), ints(b_shape, b_dtype, seed=21)
+    a.flat[:2], b.flat[:2] = np.iinfo(a_dtype).min, np.iinfo(b_dtype).min
+    for mult, shift in ((6129363, 39), (2 ** 40, 3), (1, 1)):
+        same("qmatmul", kernels.fast_qmatmul, [a, b], {"mult": mult, "shift": shift, "bits": 16})
+    same("qmatmul", kernels.fast_qmatmul, [np.full((1, 64), -32768, np.int16), np.full((64, 16), -32768, np.int16)],
+         {"mult": 1, "shift": 30, "bits": 16})
+
+
+@pytest.mark.parametrize("x_dtype, k", [(np.int16, 5000), (np.int8, 70000), (np.int16, 7)])
+def test_qdense_few_rows_at_the_extremes(x_dtype, k):
+    """Few rows (one pass in C): int32 runs of products at their largest, flushed to int64 exactly."""
+    lo = np.iinfo(x_dtype).min
+    w = np.full((k, 24), -128, np.int8)
+    w[:, 12:] = 127
+    for rows in (1, 3, kernels.FEW_ROWS):
+        x = np.full((rows, k), lo, x_dtype)
+        x[-1, ::2] = np.iinfo(x_dtype).max
+        mult = rng.integers(-2 ** 20, 2 ** 20, 24)
+        same("qdense", kernels.fast_qdense, [x, w, rng.integers(-2 ** 40, 2 ** 40, 24), mult, None], {"shift": 30, "bits": 16})
+        same("qdense", kernels.fast_qdense, [x, w, np.int64(5), np.int64(3), None], {"shift": 40, "bits": 8})
+
+
+def test_qdense_few_rows_split_over_threads():
+    """A vocabulary-sized projection of one row: its columns are shared out to the threads."""
+    x, w = ints((1, 1, 384), seed=22), ints((384, 12000), np.int8, seed=23)
+    args = [x, w, rng.integers(-2 ** 30, 2 ** 30, 12000), rng.integers(1, 2 ** 22, 12000), None]
+    same("qdense", kernels.fast_qdense, args, {"shift": 30, "bits": 16}, weight=kernels.Weight(w))
+
+
 @pytest.mark.parametrize("step, bits", [(6, 16), (0, 8), (3, 16)])
 def test_qsoftmax(step, bits):
     dtype = np.int16 if step else np.int8
@@ -83,6 +118,9 @@ def test_qsoftmax(step, bits):
 
 
 def test_qsoftmax_edge_rows_take_the_specification():
+    for n in (1 << 20, (1 << 20) + 8):  # row sums just below 2**51 (the C kernel's limit) and above it (numpy)
+        x = np.full((1, n), 7, np.int16)
+        same("qsoftmax", kernels.fast_qsoftmax, [x, np.full(1025, 2 ** 31 - 1, np.int32)], {"step_bits": 6, "bits": 16})
     x = ints((4, 300), seed=9)
     zeros = np.zeros_like(exp_table(6))
     with np.errstate(divide="ignore"):  # numpy's floor division by a zero sum gives 0
@@ -174,6 +212,15 @@ def test_kernel_arguments_are_checked():
         _refkern.softmax(np.zeros(10, np.int16), 3, np.zeros(5, np.int64), 16, out)
     with pytest.raises(TypeError):
         _refkern.layer_norm(b"abc", 1, None, None, 0, 0, 16, out)
+    a, b, zeros, one = np.zeros((2, 3), np.int16), np.zeros((3, 4), np.int8), np.zeros(4, np.int64), np.ones(1, np.int64)
+    with pytest.raises(ValueError, match="a must be"):
+        _refkern.matmul(a, b, 1, 1, 2, 4, 4, zeros, one, 3, 16, np.empty(8, np.int16), 0, 4)
+    with pytest.raises(ValueError, match="column range"):
+        _refkern.matmul(a, b, 1, 1, 2, 3, 4, zeros, one, 3, 16, np.empty(8, np.int16), 2, 5)
+    with pytest.raises(ValueError, match="out must"):
+        _refkern.matmul(a, b, 1, 1, 2, 3, 4, zeros, one, 3, 16, np.empty(7, np.int16), 0, 4)
+    with pytest.raises(ValueError, match="int8 or int16"):
+        _refkern.matmul(a.astype(np.int32), b, 1, 1, 2, 3, 4, zeros, one, 3, 16, np.empty(8, np.int16), 0, 4)
 
 
 def test_the_fast_paths_are_taken(monkeypatch):

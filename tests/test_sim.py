@@ -56,6 +56,24 @@ def test_statistics(toy):
     assert sum(r[1] for r in rows) < stats.total("compute_cycles") and w1
 
 
+@pytest.mark.parametrize("low, high", [(0, 2 ** 31 - 1), (2 ** 31 - 64, 2 ** 31 - 1), (0, 3)])
+def test_table_ops_at_extreme_table_values(toy, low, high):
+    """Exp and GELU tables of any int32 values (numerators near 2**46, sums near 2**36, rows that
+    saturate): the simulator's vectorised softmax and GELU still match the reference to the bit."""
+    _, _, data = toy
+    prog = Program.from_bytes(data)
+    rng = np.random.default_rng(low + high)
+    for ins in prog.code:
+        if ins.op in ("qsoftmax", "qgelu"):
+            buf = prog.buffers[ins.inputs[1]]
+            buf.blob = rng.integers(low, high + 1, len(buf.blob) // 4).astype("<i4").tobytes()
+    mutated = prog.to_bytes()
+    for t in (1, 4, 9):
+        x = {"x": rng.integers(-30000, 30000, (1, t, 32)).astype(np.int16)}
+        want = ReferenceRuntime(Program.from_bytes(mutated)).run(x)["out"]
+        assert np.array_equal(SimRuntime(mutated, TARGET).run(x)[0]["out"], want)
+
+
 def test_bad_inputs_and_config(toy):
     _, _, data = toy
     sim = SimRuntime(data, TARGET)

@@ -3,16 +3,19 @@
  * Each function computes, bit for bit, one integer op of femtocc/ir/qops.py (the specification) on
  * contiguous buffers, in one pass over its data instead of numpy's many int64 temporaries. The
  * simulator (runtime/spu_*.c) has its own kernels and shares no code with these: the reference
- * runtime and the simulator stay two implementations that check each other. Integer matrix
- * products are not here: runtime/kernels.py computes them exactly on int8 digits with torch.
+ * runtime and the simulator stay two implementations that check each other. Large integer matrix
+ * products are not here: runtime/kernels.py computes them exactly on int8 digits or in float64 with
+ * torch; ``matmul`` covers the few rows of a decoding step, where a library call costs more than it saves.
  *
  *   requant(R, nA, M, N, row, col, mult, shift, bits, out) -> 0
  *       acc[m,n] = 256 * R[m, n] + R[M+m, n] + row[m] + col[n]   (two digits: R int32 [2M, N])
  *       acc[m,n] = R[m, n] + row[m] + col[n]                      (one: R int32, or float64 exact integers)
  *       out[m,n] = saturate(rshift_round(acc * mult[n or 0], shift), bits)
+ *   matmul(a, b, B, Bb, M, K, N, col, mult, shift, bits, out, n0, n1) -> 0   (a few rows: decoding steps)
+ *       for the columns n0 <= n < n1: out[h,m,n] = saturate(rshift_round((sum_k a[h,m,k] * b[h or 0,k,n] + col[n]) * mult[n or 0], shift), bits)
  *   add(a, b, mult_a, mult_b, shift, bits, out) -> 0      (qadd, operands of one shape and dtype)
  *       out = saturate(rshift_round(a * mult_a + b * mult_b, shift), bits)
- *   lut(x, every, offset, bits, out) -> -1, or the first position outside the table
+ *   lut(x, every, offset, bits, out) -> -1, or the first position outside the table (every: int32)
  *       out = saturate(every[x + offset], bits)                          (qgelu)
  *   softmax(x, n, every, bits, out) -> -1, the first position outside the table, or -2
  *       (-2: a row whose table values are negative or sum to zero: the caller falls back to numpy)
@@ -138,14 +141,96 @@ static PyObject *requant(PyObject *self, PyObject *args) {
     return done(bufs, 5, PyLong_FromLong(0));
 }
 
+/* acc[n] = sum_k a[k] * b[k, n] exactly, for n in one tile of columns (b's rows are N apart): each
+ * product is formed in int32 (|a * b| <= 2**30) and summed in int32 over runs of CHUNK products that
+ * cannot overflow it (2**31 / max|a * b|), then in int64 */
+#define TILE 512
+#define DOT_TILE(TA, TB, CHUNK)                                                                              \
+    HOT static void dot_tile_##TA##_##TB(const TA *restrict a, const TB *restrict b, Py_ssize_t K, Py_ssize_t N, \
+                                         Py_ssize_t T, int64_t *restrict acc) {                             \
+        int32_t part[TILE];                                                                                  \
+        for (Py_ssize_t n = 0; n < T; n++) acc[n] = 0;                                                       \
+        for (Py_ssize_t k0 = 0; k0 < K; k0 += CHUNK) {                                                      \
+            const Py_ssize_t k1 = K - k0 < CHUNK ? K : k0 + CHUNK;                                           \
+            for (Py_ssize_t n = 0; n < T; n++) part[n] = 0;                                                  \
+            for (Py_ssize_t k = k0; k < k1; k++) {                                                           \
+                const int32_t av = a[k];                                                                     \
+                const TB *restrict bk = b + k * N;                                                           \
+                for (Py_ssize_t n = 0; n < T; n++) part[n] += av * (int32_t)bk[n];                           \
+            }                                                                                                \
+            for (Py_ssize_t n = 0; n < T; n++) acc[n] += part[n];                                            \
+        }                                                                                                    \
+    }
+DOT_TILE(int8_t, int8_t, 65536) /* |a * b| <= 2**14 */
+DOT_TILE(int8_t, int16_t, 256)  /* |a * b| <= 2**22 */
+DOT_TILE(int16_t, int8_t, 256)
+
+/* |a * b| <= 2**30: two products can overflow int32, so each goes to int64 */
+HOT static void dot_tile_int16_t_int16_t(const int16_t *restrict a, const int16_t *restrict b, Py_ssize_t K, Py_ssize_t N,
+                                         Py_ssize_t T, int64_t *restrict acc) {
+    for (Py_ssize_t n = 0; n < T; n++) acc[n] = 0;
+    for (Py_ssize_t k = 0; k < K; k++) {
+        const int32_t av = a[k];
+        const int16_t *restrict bk = b + k * N;
+        for (Py_ssize_t n = 0; n < T; n++) acc[n] += av * (int32_t)bk[n];
+    }
+}
+
+static void dot_tile(const void *a, int as, const void *b, int bs, Py_ssize_t K, Py_ssize_t N, Py_ssize_t T, int64_t *acc) {
+    if (as == 1 && bs == 1) dot_tile_int8_t_int8_t(a, b, K, N, T, acc);
+    else if (as == 1) dot_tile_int8_t_int16_t(a, b, K, N, T, acc);
+    else if (bs == 1) dot_tile_int16_t_int8_t(a, b, K, N, T, acc);
+    else dot_tile_int16_t_int16_t(a, b, K, N, T, acc);
+}
+
+static PyObject *matmul(PyObject *self, PyObject *args) {
+    Py_buffer a = {0}, b = {0}, col = {0}, mult = {0}, out = {0};
+    Py_ssize_t B, M, K, N, Bb, n0, n1;
+    long long shift, bits;
+    if (!PyArg_ParseTuple(args, "y*y*nnnnny*y*LLw*nn", &a, &b, &B, &Bb, &M, &K, &N, &col, &mult, &shift, &bits, &out,
+                          &n0, &n1))
+        return NULL;
+    Py_buffer *bufs[] = {&a, &b, &col, &mult, &out};
+    int ok = check(B >= 0 && M >= 0 && K >= 0 && N >= 0 && (Bb == 1 || Bb == B), "bad sizes") &&
+             check(0 <= n0 && n0 <= n1 && n1 <= N, "bad column range") &&
+             check((a.itemsize == 1 || a.itemsize == 2) && (b.itemsize == 1 || b.itemsize == 2),
+                   "operands must be int8 or int16") &&
+             check(a.len == a.itemsize * B * M * K && b.len == b.itemsize * Bb * K * N,
+                   "a must be [B, M, K] and b [B or 1, K, N]") &&
+             check(col.len == 8 * N, "col must be int64 [N]") &&
+             check(mult.len == 8 * N || mult.len == 8, "mult must be int64 [N] or [1]") &&
+             check(shift >= 1 && shift <= 62, "shift must be 1..62") &&
+             check(bits >= 2 && bits <= 16 && out.len == B * M * N * (bits <= 8 ? 1 : 2), "out must hold B*M*N of bits");
+    if (!ok) return done(bufs, 5, NULL);
+    const int per_channel = mult.len == 8 * N && N > 1;
+    const Py_ssize_t ob = bits <= 8 ? 1 : 2;
+    const int64_t *cl = col.buf, *mu = mult.buf;
+    int64_t acc[TILE];
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t h = 0; h < B; h++)
+        for (Py_ssize_t t0 = n0; t0 < n1; t0 += TILE) {
+            const Py_ssize_t T = n1 - t0 < TILE ? n1 - t0 : TILE;
+            const char *bt = (const char *)b.buf + ((Bb == 1 ? 0 : h) * K * N + t0) * b.itemsize;
+            for (Py_ssize_t m = 0; m < M; m++) {
+                const Py_ssize_t row = h * M + m;
+                dot_tile((const char *)a.buf + row * K * a.itemsize, (int)a.itemsize, bt, (int)b.itemsize, K, N, T, acc);
+                requant_row(acc, T, 0, cl + t0, per_channel ? mu + t0 : mu, per_channel, shift, bits,
+                            (char *)out.buf + (row * N + t0) * ob);
+            }
+        }
+    Py_END_ALLOW_THREADS
+    return done(bufs, 5, PyLong_FromLong(0));
+}
+
 static PyObject *lut(PyObject *self, PyObject *args) {
     Py_buffer x = {0}, every = {0}, out = {0};
     long long offset, bits;
     if (!PyArg_ParseTuple(args, "y*y*LLw*", &x, &every, &offset, &bits, &out)) return NULL;
     Py_buffer *bufs[] = {&x, &every, &out};
-    if (!check_io(&x, &out, bits) || !check(every.itemsize == 8 || every.len % 8 == 0, "every must be int64"))
+    if (!check_io(&x, &out, bits) || !check(every.len % 4 == 0, "every must be int32"))
         return done(bufs, 3, NULL);
-    const int64_t *e = every.buf, L = every.len / 8;
+    const int32_t *e = every.buf;
+    const int64_t L = every.len / 4;
     const Py_ssize_t n = x.len / x.itemsize, size = x.itemsize;
     int64_t bad = -1;
     Py_BEGIN_ALLOW_THREADS
@@ -158,31 +243,39 @@ static PyObject *lut(PyObject *self, PyObject *args) {
     return done(bufs, 3, PyLong_FromLongLong(bad));
 }
 
-/* one qsoftmax row: -1, the first position outside the table, or -2 (a negative value or a zero sum) */
-HOT static int64_t softmax_row(const int64_t *x, Py_ssize_t n, const int64_t *e, int64_t L, int64_t bits, int64_t *v,
+/* one qsoftmax row: -1, the first position outside the table, or -2 (a negative value, a zero sum or a
+ * sum too large for the double arithmetic below: the caller falls back to numpy). Every loop is a plain
+ * pass over the row, so that the compiler vectorizes it (the table read is a gather). */
+HOT static int64_t softmax_row(const int16_t *restrict x, Py_ssize_t n, const int32_t *restrict e, int64_t L, int64_t bits,
+                               int32_t *restrict v,
                                void *out) {
-    int64_t mx = INT64_MIN, total = 0, lowest = 0, far = 0;
-    for (Py_ssize_t j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
-    for (Py_ssize_t j = 0; j < n; j++) far = mx - x[j] > far ? mx - x[j] : far;
-    if (far >= L)
+    int32_t mx = INT16_MIN, mn = INT16_MAX;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        mx = x[j] > mx ? x[j] : mx;
+        mn = x[j] < mn ? x[j] : mn;
+    }
+    if ((int64_t)mx - mn >= L)
         for (Py_ssize_t j = 0; j < n; j++)
             if (mx - x[j] >= L) return mx - x[j];
+    int32_t lowest = 0;
+    int64_t total = 0;
     for (Py_ssize_t j = 0; j < n; j++) {
         v[j] = e[mx - x[j]];
         lowest = v[j] < lowest ? v[j] : lowest;
         total += v[j];
     }
-    if (lowest < 0 || total <= 0) return -2;
-    /* floor(num / total) from a double estimate: num < 2**50 and the quotient <= 2**15, so the
-       estimate is within one of it; one correction each way makes it exact */
-    const int64_t half = total / 2, scale = (int64_t)1 << (bits - 1), q = scale - 1;
-    const double inv = 1.0 / (double)total;
+    if (lowest < 0 || total <= 0 || total >= ((int64_t)1 << 51)) return -2;
+    /* p = floor(num / total), num = v * 2**(bits-1) + floor(total / 2) < 2**52: every value below is an
+       integer under 2**53, exact in double; the estimate from the reciprocal is within one of the
+       quotient, and one correction each way makes it exact */
+    const double t = (double)total, half = (double)(total / 2), scale = (double)((int64_t)1 << (bits - 1)),
+                 q = scale - 1, inv = 1.0 / t;
     for (Py_ssize_t j = 0; j < n; j++) {
-        const int64_t num = v[j] * scale + half;
-        int64_t p = (int64_t)((double)num * inv);
-        p -= p * total > num;
-        p += (p + 1) * total <= num;
-        v[j] = p > q ? q : p;
+        const double num = (double)v[j] * scale + half;
+        double p = (double)(int32_t)(num * inv); /* truncation is floor here: num * inv < 2**16 is not negative */
+        p = p * t > num ? p - 1 : p;
+        p = (p + 1) * t <= num ? p + 1 : p;
+        v[j] = (int32_t)(p > q ? q : p);
     }
     if (bits <= 8)
         for (Py_ssize_t j = 0; j < n; j++) ((int8_t *)out)[j] = (int8_t)v[j];
@@ -198,19 +291,29 @@ static PyObject *softmax(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*ny*Lw*", &x, &n, &every, &bits, &out)) return NULL;
     Py_buffer *bufs[] = {&x, &every, &out};
     if (!check_io(&x, &out, bits) || !check(n >= 1 && (x.len / x.itemsize) % n == 0, "rows must be whole") ||
-        !check(every.len % 8 == 0 && every.len > 0, "every must be int64"))
+        !check(every.len % 4 == 0 && every.len > 0, "every must be int32"))
         return done(bufs, 3, NULL);
-    const int64_t L = every.len / 8, obytes = bits <= 8 ? 1 : 2;
+    const int64_t L = every.len / 4, obytes = bits <= 8 ? 1 : 2;
     const Py_ssize_t rows = x.len / x.itemsize / n, size = x.itemsize;
     int64_t status = -1;
-    int64_t *v = PyMem_RawMalloc(sizeof(int64_t) * 2 * (size_t)n);
-    if (!v) return done(bufs, 3, PyErr_NoMemory());
+    int16_t *row = PyMem_RawMalloc(sizeof(int16_t) * (size_t)n);
+    int32_t *v = PyMem_RawMalloc(sizeof(int32_t) * (size_t)n);
+    if (!row || !v) {
+        PyMem_RawFree(row);
+        PyMem_RawFree(v);
+        return done(bufs, 3, PyErr_NoMemory());
+    }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows && status == -1; r++) {
-        for (Py_ssize_t j = 0; j < n; j++) v[n + j] = load(x.buf, size, r * n + j);
-        status = softmax_row(v + n, n, every.buf, L, bits, v, (char *)out.buf + r * n * obytes);
+        const int16_t *xr = (const int16_t *)x.buf + r * n;
+        if (size == 1) { /* int8 rows are widened; int16 rows are read in place */
+            for (Py_ssize_t j = 0; j < n; j++) row[j] = ((const int8_t *)x.buf)[r * n + j];
+            xr = row;
+        }
+        status = softmax_row(xr, n, every.buf, L, bits, v, (char *)out.buf + r * n * obytes);
     }
     Py_END_ALLOW_THREADS
+    PyMem_RawFree(row);
     PyMem_RawFree(v);
     return done(bufs, 3, PyLong_FromLongLong(status));
 }
@@ -276,6 +379,7 @@ static PyObject *add(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"requant", requant, METH_VARARGS, "combine int8-digit products and requantize (qdense, qmatmul)"},
+    {"matmul", matmul, METH_VARARGS, "exact integer products of a few rows, requantized (qdense, qmatmul)"},
     {"lut", lut, METH_VARARGS, "table lookup at every position (qgelu)"},
     {"add", add, METH_VARARGS, "qadd of two operands of one shape and dtype"},
     {"softmax", softmax, METH_VARARGS, "qsoftmax along rows of n"},
