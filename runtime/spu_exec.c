@@ -253,6 +253,8 @@ static int need_int(Ctx *c, const Tensor *t, const char *what, int k) {
 #define HOT
 #endif
 
+#define ROWS 8 /* rows of a qdense block */
+
 /* acc[n] += sum_k x[k] * w[k, n] for int16 x (|x| <= 2**15) and int8-range w: int32 partial sums over
    chunks of 256 inputs (|partial| < 2**30) flushed into int64, so the result is exact */
 HOT static void dense_row(const int32_t *x, const int8_t *w, int64_t K, int64_t N, int64_t *acc, int32_t *part) {
@@ -297,16 +299,115 @@ __attribute__((target("avx2"))) static void dense_row_pairs(const int32_t *x, co
         for (int64_t n = 0; n < N; n++) acc[n] += part[n];
     }
 }
+
+static int have_vnni(void) { return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"); }
+/* acc[r][n] += sum_k x[r][k] * w[k][n] for all ROWS rows of a block at once, with AVX-512 VNNI on the
+   pair-interleaved weights: vpdpwssd adds x[r][2p] * w[2p][n] + x[r][2p+1] * w[2p+1][n] (|.| <= 2**23) to
+   int32 sums, ROWS rows x 32 columns of them in registers, flushed into int64 every 128 pairs
+   (|sum| <= 2**30): exact, like dense_row. xp: scratch for ROWS * ceil(K/2) packed input pairs. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void dense_block_vnni(const int32_t *x, const int16_t *wp,
+                                                                                   int64_t K, int64_t N, int64_t *acc,
+                                                                                   int32_t *xp) {
+    const int64_t P = (K + 1) / 2, N32 = N / 32 * 32;
+    for (int r = 0; r < ROWS; r++)
+        for (int64_t p = 0; p < P; p++) {
+            const int32_t x0 = x[r * K + 2 * p], x1 = 2 * p + 1 < K ? x[r * K + 2 * p + 1] : 0;
+            xp[r * P + p] = (int32_t)((uint32_t)(uint16_t)x0 | ((uint32_t)(uint16_t)x1 << 16));
+        }
+    for (int64_t n0 = 0; n0 < N32; n0 += 32)
+        for (int64_t p0 = 0; p0 < P; p0 += 128) {
+            const int64_t p1 = p0 + 128 < P ? p0 + 128 : P;
+            __m512i c[ROWS][2];
+            for (int r = 0; r < ROWS; r++) c[r][0] = c[r][1] = _mm512_setzero_si512();
+            for (int64_t p = p0; p < p1; p++) {
+                const int16_t *w = wp + 2 * p * N + 2 * n0;
+                const __m512i w0 = _mm512_loadu_si512((const void *)w), w1 = _mm512_loadu_si512((const void *)(w + 32));
+                for (int r = 0; r < ROWS; r++) {
+                    const __m512i xv = _mm512_set1_epi32(xp[r * P + p]);
+                    c[r][0] = _mm512_dpwssd_epi32(c[r][0], xv, w0);
+                    c[r][1] = _mm512_dpwssd_epi32(c[r][1], xv, w1);
+                }
+            }
+            for (int r = 0; r < ROWS; r++)
+                for (int h = 0; h < 2; h++) {
+                    int64_t *a = acc + r * N + n0 + 16 * h;
+                    const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(c[r][h]));
+                    const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(c[r][h], 1));
+                    _mm512_storeu_si512((void *)a, _mm512_add_epi64(_mm512_loadu_si512((const void *)a), lo));
+                    _mm512_storeu_si512((void *)(a + 8), _mm512_add_epi64(_mm512_loadu_si512((const void *)(a + 8)), hi));
+                }
+        }
+    for (int r = 0; r < ROWS; r++) /* the last N % 32 columns */
+        for (int64_t n = N32; n < N; n++) {
+            int64_t sum = 0;
+            for (int64_t p = 0; p < P; p++) {
+                const int32_t x0 = x[r * K + 2 * p], x1 = 2 * p + 1 < K ? x[r * K + 2 * p + 1] : 0;
+                sum += (int64_t)x0 * wp[2 * (p * N + n)] + (int64_t)x1 * wp[2 * (p * N + n) + 1];
+            }
+            acc[r * N + n] += sum;
+        }
+}
+
+/* pencil_rows for pencils of height 8 with AVX-512 VNNI, two pencils at a time: for the pair (q, q'),
+   vpdpwssd adds x[r][index[q]] * w[q][j] + x[r][index[q']] * w[q'][j] (|.| <= 2**23) to the int32 sum of
+   row r, column j; the 8 rows x 8 columns of a group are 4 registers (2 rows each); flushed into int64
+   every 128 pairs (|sum| <= 2**30): exact, like pencil_rows. xt16: the block's rows, input-major [K][8]. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void pencil8_rows_vnni(const int16_t *xt16,
+                                                                                           const BufferDesc *w,
+                                                                                           int64_t *acc, int64_t N) {
+    const uint32_t *offsets = w->pencil_offsets;
+    const uint16_t *index = w->pencil_index;
+    const int8_t *words = w->pencil_words;
+    const int64_t groups = N / 8;
+    __m512i rows_of[4]; /* lanes 0-7 take row 2z's pair, lanes 8-15 row 2z+1's */
+    for (int z = 0; z < 4; z++)
+        rows_of[z] = _mm512_set_epi32(2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1, 2 * z + 1,
+                                      2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z, 2 * z);
+    const __m128i zero = _mm_setzero_si128();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint32_t q0 = offsets[g], q1 = offsets[g + 1];
+        for (uint32_t b0 = q0; b0 < q1; b0 += 256) {
+            const uint32_t b1 = b0 + 256 < q1 ? b0 + 256 : q1;
+            __m512i c[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+            for (uint32_t q = b0; q < b1; q += 2) {
+                const int two = q + 1 < b1;
+                const __m128i x0 = _mm_loadu_si128((const __m128i *)(xt16 + 8 * (int64_t)index[q]));
+                const __m128i x1 = two ? _mm_loadu_si128((const __m128i *)(xt16 + 8 * (int64_t)index[q + 1])) : zero;
+                /* the 8 rows' (x0, x1) pairs as int32 lanes 0..7 */
+                const __m256i xp = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi16(x0, x1)),
+                                                           _mm_unpackhi_epi16(x0, x1), 1);
+                const __m512i xp512 = _mm512_castsi256_si512(xp);
+                /* the weights (w[q][j], w[q'][j]) as int16 pairs, j = 0..7, in both halves */
+                int64_t wa, wb = 0;
+                memcpy(&wa, words + 8 * (int64_t)q, 8);
+                if (two) memcpy(&wb, words + 8 * (int64_t)q + 8, 8);
+                const __m128i wi = _mm_unpacklo_epi8(_mm_cvtsi64_si128(wa), _mm_cvtsi64_si128(wb));
+                const __m512i wv = _mm512_broadcast_i64x4(_mm256_cvtepi8_epi16(wi));
+                for (int z = 0; z < 4; z++)
+                    c[z] = _mm512_dpwssd_epi32(c[z], _mm512_permutexvar_epi32(rows_of[z], xp512), wv);
+            }
+            for (int z = 0; z < 4; z++) {
+                int64_t *a0 = acc + (2 * z) * N + 8 * g, *a1 = acc + (2 * z + 1) * N + 8 * g;
+                const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(c[z]));
+                const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(c[z], 1));
+                _mm512_storeu_si512((void *)a0, _mm512_add_epi64(_mm512_loadu_si512((const void *)a0), lo));
+                _mm512_storeu_si512((void *)a1, _mm512_add_epi64(_mm512_loadu_si512((const void *)a1), hi));
+            }
+        }
+    }
+}
 #else
 static void dense_row_pairs(const int32_t *x, const int16_t *wp, int64_t K, int64_t N, int64_t *acc, int32_t *part) {}
 static int have_avx2(void) { return 0; }
+static void dense_block_vnni(const int32_t *x, const int16_t *wp, int64_t K, int64_t N, int64_t *acc, int32_t *xp) {}
+static int have_vnni(void) { return 0; }
+static void pencil8_rows_vnni(const int16_t *xt16, const BufferDesc *w, int64_t *acc, int64_t N) {}
 #endif
 
 /* pencil rows: acc[r][H*g + j] += sum over the group's pencils q of X[r][index[q]] * words[q][j] (H the
    pencil height), for up to ROWS rows at once (each pencil's H weights are loaded once per row block);
    int32 partial sums over at most 256 pencils (|partial| < 2**30) are flushed into int64, so the result
    is exact. Inlined with H a constant for the common heights, so their inner loops vectorise. */
-#define ROWS 8
 static inline __attribute__((always_inline)) void pencil_rows_h(const int32_t *xt, const uint32_t *offsets,
                                                                 const uint16_t *index, const int8_t *words,
                                                                 int64_t groups, int64_t *acc, int64_t N, const int H) {
@@ -338,29 +439,33 @@ HOT static void pencil_rows(const int32_t *xt, const BufferDesc *w, int64_t *acc
     else pencil_rows_h(xt, w->pencil_offsets, w->pencil_index, w->pencil_words, N / H, acc, N, H);
 }
 
-/* acc[r][n] = sum_k a[r][k] * b[k][n] for 4 rows of a, in double: every product of int16-range
+/* acc[r][n] = sum_k a[r][k] * b[k][n] for MR rows of a, in double: every product of int16-range
    operands is below 2**30 and every partial sum below 2**53 for K < 2**23 (checked by the caller),
-   so the sums are exact integers whatever the order. 4 rows x 16 columns of sums stay in registers. */
+   so the sums are exact integers whatever the order. MR rows x 16 columns of sums stay in registers
+   (16 of AVX-512's 32), so each b load feeds MR multiply-adds. */
+#define MR 8
 typedef double v8d __attribute__((vector_size(64)));
 
-HOT static void matmul_rows4(const double *a, const double *b, int64_t K, int64_t N, double *acc) {
+HOT static void matmul_rows(const double *a, const double *b, int64_t K, int64_t N, double *acc) {
     int64_t n0 = 0;
     for (; n0 + 16 <= N; n0 += 16) {
-        v8d c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0}, b0, b1;
+        v8d c0[MR], c1[MR], b0, b1;
+        for (int r = 0; r < MR; r++) c0[r] = (v8d){0}, c1[r] = (v8d){0};
         for (int64_t k = 0; k < K; k++) {
             memcpy(&b0, b + k * N + n0, sizeof b0);
             memcpy(&b1, b + k * N + n0 + 8, sizeof b1);
-            const double a0 = a[k], a1 = a[K + k], a2 = a[2 * K + k], a3 = a[3 * K + k];
-            c00 += a0 * b0, c01 += a0 * b1, c10 += a1 * b0, c11 += a1 * b1;
-            c20 += a2 * b0, c21 += a2 * b1, c30 += a3 * b0, c31 += a3 * b1;
+            for (int r = 0; r < MR; r++) {
+                const double ar = a[r * K + k];
+                c0[r] += ar * b0, c1[r] += ar * b1;
+            }
         }
-        memcpy(acc + n0, &c00, sizeof c00), memcpy(acc + n0 + 8, &c01, sizeof c01);
-        memcpy(acc + N + n0, &c10, sizeof c10), memcpy(acc + N + n0 + 8, &c11, sizeof c11);
-        memcpy(acc + 2 * N + n0, &c20, sizeof c20), memcpy(acc + 2 * N + n0 + 8, &c21, sizeof c21);
-        memcpy(acc + 3 * N + n0, &c30, sizeof c30), memcpy(acc + 3 * N + n0 + 8, &c31, sizeof c31);
+        for (int r = 0; r < MR; r++) {
+            memcpy(acc + r * N + n0, &c0[r], sizeof c0[r]);
+            memcpy(acc + r * N + n0 + 8, &c1[r], sizeof c1[r]);
+        }
     }
     for (; n0 < N; n0++)
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < MR; r++) {
             double sum = 0;
             for (int64_t k = 0; k < K; k++) sum += a[r * K + k] * b[k * N + n0];
             acc[r * N + n0] = sum;
@@ -383,12 +488,49 @@ typedef struct {
     Tensor *out;
     const BufferDesc *w, *bias, *mult;
     const Instr *ins;
-    const double *uses; /* MACs each nonzero input issues */
+    const int64_t *uses;  /* MACs each nonzero input issues */
+    const int64_t *limit; /* per column: the largest |acc| with |acc * mult| < 2**62 */
     int pencil;
     int64_t K, N, rows;
     double issued[SPU_MAX_THREADS], nonzero[SPU_MAX_THREADS];
     int oom[SPU_MAX_THREADS];
 } DenseWork;
+
+/* one output row of a qdense: out[o + n] = saturate(requant(acc[n], mult[n], shift), bits); where every
+   |acc[n]| <= limit[n] (|acc * mult| < 2**62) one branch-free int64 pass the compiler vectorises */
+HOT static void requant_dense_row(const int64_t *acc, int64_t N, const int64_t *mult, const int64_t *limit, int64_t shift,
+                                  int64_t bits, Tensor *out, int64_t o) {
+    int64_t bad = shift < 1 || shift > 62 || (out->dtype != DT_I16 && out->dtype != DT_I8);
+    for (int64_t n = 0; n < N && !bad; n++) bad |= (acc[n] > limit[n]) | (acc[n] < -limit[n]);
+    if (bad) {
+        for (int64_t n = 0; n < N; n++) st(out, o + n, saturate(requant(acc[n], mult[n], shift), bits));
+        return;
+    }
+    const int64_t half = (int64_t)1 << (shift - 1), q = ((int64_t)1 << (bits - 1)) - 1;
+    if (out->dtype == DT_I16) {
+        int16_t *dst = (int16_t *)out->data + o;
+        for (int64_t n = 0; n < N; n++) { /* arithmetic shift: a floor, as in rshift_round_w */
+            const int64_t v = (acc[n] * mult[n] + half) >> shift;
+            dst[n] = (int16_t)(v > q ? q : (v < -q ? -q : v));
+        }
+    } else {
+        int8_t *dst = (int8_t *)out->data + o;
+        for (int64_t n = 0; n < N; n++) {
+            const int64_t v = (acc[n] * mult[n] + half) >> shift;
+            dst[n] = (int8_t)(v > q ? q : (v < -q ? -q : v));
+        }
+    }
+}
+
+/* x[i0 + k] for k < K as int32 */
+static void load_row(const Tensor *x, int64_t i0, int64_t K, int32_t *dst) {
+    if (x->dtype == DT_I16)
+        for (int64_t k = 0; k < K; k++) dst[k] = ((const int16_t *)x->data)[i0 + k];
+    else if (x->dtype == DT_I8)
+        for (int64_t k = 0; k < K; k++) dst[k] = ((const int8_t *)x->data)[i0 + k];
+    else
+        for (int64_t k = 0; k < K; k++) dst[k] = (int32_t)ld(x, i0 + k);
+}
 
 /* qdense over row blocks [b0, b1) of ROWS rows each */
 static void qdense_part(void *arg, int64_t b0, int64_t b1, int slot) {
@@ -396,37 +538,49 @@ static void qdense_part(void *arg, int64_t b0, int64_t b1, int slot) {
     const int64_t K = d->K, N = d->N;
     int64_t *acc = malloc(sizeof(int64_t) * (size_t)(ROWS * N + 1));
     int32_t *part = malloc(sizeof(int32_t) * (size_t)(N + 1));
-    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(ROWS * K + 1));
+    int32_t *xr = malloc(sizeof(int32_t) * (size_t)(ROWS * K + 1)), *row = malloc(sizeof(int32_t) * (size_t)(K + 1));
+    int32_t *xp = malloc(sizeof(int32_t) * (size_t)(ROWS * ((K + 1) / 2) + 1)); /* packed pairs for the VNNI kernel */
+    int16_t *xt16 = malloc(sizeof(int16_t) * (size_t)(ROWS * K + 1));             /* the block input-major, for pencil8 */
+    const int pencil8 = d->pencil && d->w->block == 8 && ROWS == 8 && have_vnni();
     const int8_t *w8 = (const int8_t *)d->w->native; /* dense layout: the weight as loaded */
-    double issued = 0, nonzero = 0;
-    if (!acc || !part || !xr) {
+    int64_t issued = 0, nonzero = 0; /* integers: the same sums in any order */
+    if (!acc || !part || !xr || !row || !xp || !xt16) {
         d->oom[slot] = 1;
         b1 = b0;
     }
     for (int64_t blk = b0; blk < b1; blk++) {
         int64_t r0 = blk * ROWS, R = d->rows - r0 < ROWS ? d->rows - r0 : ROWS;
         for (int64_t r = 0; r < ROWS; r++) {
+            if (r < R) load_row(d->x, (r0 + r) * K, K, row);
+            else memset(row, 0, sizeof(int32_t) * (size_t)K);
             for (int64_t kk = 0; kk < K; kk++) {
-                int32_t v = r < R ? (int32_t)ld(d->x, (r0 + r) * K + kk) : 0;
-                if (d->pencil) xr[kk * ROWS + r] = v; else xr[r * K + kk] = v;
-                if (v) { nonzero += 1; issued += d->uses[kk]; }
+                nonzero += row[kk] != 0;
+                issued += row[kk] ? d->uses[kk] : 0;
             }
+            if (pencil8)
+                for (int64_t kk = 0; kk < K; kk++) xt16[kk * ROWS + r] = (int16_t)row[kk];
+            else if (d->pencil)
+                for (int64_t kk = 0; kk < K; kk++) xr[kk * ROWS + r] = row[kk];
+            else
+                memcpy(xr + r * K, row, sizeof(int32_t) * (size_t)K);
             for (int64_t n = 0; n < N; n++) acc[r * N + n] = d->bias->values[n];
         }
-        if (d->pencil)
+        if (pencil8)
+            pencil8_rows_vnni(xt16, d->w, acc, N);
+        else if (d->pencil)
             pencil_rows(xr, d->w, acc, N);
+        else if (R > ROWS / 2 && d->w->weight_pairs && have_vnni()) /* a full block: all rows at once */
+            dense_block_vnni(xr, d->w->weight_pairs, K, N, acc, xp);
         else if (have_avx2() && d->w->weight_pairs)
             for (int64_t r = 0; r < R; r++) dense_row_pairs(xr + r * K, d->w->weight_pairs, K, N, acc + r * N, part);
         else
             for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w8, K, N, acc + r * N, part);
         for (int64_t r = 0; r < R; r++)
-            for (int64_t n = 0; n < N; n++)
-                st(d->out, (r0 + r) * N + n,
-                   saturate(requant(acc[r * N + n], d->mult->values[n], d->ins->a[0]), d->ins->a[1]));
+            requant_dense_row(acc + r * N, N, d->mult->values, d->limit, d->ins->a[0], d->ins->a[1], d->out, (r0 + r) * N);
     }
-    free(acc); free(part); free(xr);
-    d->issued[slot] = issued;
-    d->nonzero[slot] = nonzero;
+    free(acc); free(part); free(xr); free(row); free(xp); free(xt16);
+    d->issued[slot] = (double)issued;
+    d->nonzero[slot] = (double)nonzero;
 }
 
 static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s) {
@@ -446,17 +600,27 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
         if (bias->values[n] > (INT64_C(1) << 50) || bias->values[n] < -(INT64_C(1) << 50))
             return spu_fail(c->err, "instruction %d (qdense): bias beyond 2**50", k);
     int pencil = w->layout == LY_PENCIL;
-    double *uses = malloc(sizeof(double) * (size_t)(K + 1));
-    if (!uses) return spu_fail(c->err, "out of memory");
-    for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : (double)N;
+    int64_t *uses = malloc(sizeof(int64_t) * (size_t)(K + 1)), *limit = malloc(sizeof(int64_t) * (size_t)(N + 1));
+    if (!uses || !limit) {
+        free(uses);
+        free(limit);
+        return spu_fail(c->err, "out of memory");
+    }
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t m = mult->values[n];
+        const uint64_t am = m < 0 ? (uint64_t)0 - (uint64_t)m : (uint64_t)m;
+        limit[n] = am ? (int64_t)(UINT64_C(0x3fffffffffffffff) / am) : INT64_MAX;
+    }
+    for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : N;
     if (pencil)
-        for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += (double)w->block;
+        for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += w->block;
     double total_per_row = 0;
-    for (int64_t kk = 0; kk < K; kk++) total_per_row += uses[kk];
-    DenseWork d = {.x = x, .out = out, .w = w, .bias = bias, .mult = mult, .ins = ins, .uses = uses, .pencil = pencil,
+    for (int64_t kk = 0; kk < K; kk++) total_per_row += (double)uses[kk];
+    DenseWork d = {.x = x, .out = out, .w = w, .bias = bias, .mult = mult, .ins = ins, .uses = uses, .limit = limit, .pencil = pencil,
                    .K = K, .N = N, .rows = rows};
     int parts = parallel_for((rows + ROWS - 1) / ROWS, (double)rows * (double)K * (double)N, qdense_part, &d);
     free(uses);
+    free(limit);
     double issued = 0, nonzero = 0;
     for (int i = 0; i < parts; i++) {
         if (d.oom[i]) return spu_fail(c->err, "out of memory");
@@ -474,34 +638,42 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
 
 /* out[o + i] = saturate(requant(acc[i], mult, shift), bits) for exact-integer doubles: in int64 where
    |acc * mult| stays below 2**62 (always, for valid programs), else in 128 bits */
-static void requant_rows(const double *acc, int64_t n, int64_t mult, int64_t shift, int64_t bits, Tensor *out, int64_t o) {
+HOT static void requant_rows(const double *acc, int64_t n, int64_t mult, int64_t shift, int64_t bits, Tensor *out, int64_t o) {
+    /* |acc| < 2**53 (exact integers); where |acc * mult| < 2**62 for the whole block, one branch-free
+       int64 pass (the compiler vectorises it), else the general form element by element */
     const int64_t limit = mult ? INT64_C(0x3fffffffffffffff) / (mult < 0 ? -mult : mult) : INT64_MAX;
-    const int fast = shift >= 1 && shift <= 62 && (out->dtype == DT_I16 || out->dtype == DT_I8);
-    const int64_t half = fast ? (int64_t)1 << (shift - 1) : 0;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t a = (int64_t)acc[i];
-        if (!fast || a > limit || a < -limit) {
-            st(out, o + i, saturate(requant(a, mult, shift), bits));
-            continue;
+    double most = 0;
+    for (int64_t i = 0; i < n; i++) most = fabs(acc[i]) > most ? fabs(acc[i]) : most;
+    if (shift < 1 || shift > 62 || (out->dtype != DT_I16 && out->dtype != DT_I8) || most > (double)limit) {
+        for (int64_t i = 0; i < n; i++) st(out, o + i, saturate(requant((int64_t)acc[i], mult, shift), bits));
+        return;
+    }
+    const int64_t half = (int64_t)1 << (shift - 1), q = ((int64_t)1 << (bits - 1)) - 1;
+    if (out->dtype == DT_I16) {
+        int16_t *dst = (int16_t *)out->data + o;
+        for (int64_t i = 0; i < n; i++) { /* arithmetic shift: a floor, as in rshift_round_w */
+            const int64_t v = ((int64_t)acc[i] * mult + half) >> shift;
+            dst[i] = (int16_t)(v > q ? q : (v < -q ? -q : v));
         }
-        const int64_t v = saturate((a * mult + half) >> shift, bits); /* arithmetic shift: a floor, as in rshift_round_w */
-        if (out->dtype == DT_I16)
-            ((int16_t *)out->data)[o + i] = (int16_t)v;
-        else
-            ((int8_t *)out->data)[o + i] = (int8_t)v;
+    } else {
+        int8_t *dst = (int8_t *)out->data + o;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t v = ((int64_t)acc[i] * mult + half) >> shift;
+            dst[i] = (int8_t)(v > q ? q : (v < -q ? -q : v));
+        }
     }
 }
 
-/* rows [m0, m1) of one batch of a qmatmul, four at a time (a short last group padded with zero rows) */
+/* rows [m0, m1) of one batch of a qmatmul, MR at a time (a short last group padded with zero rows) */
 static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
     MatmulWork *w = arg;
     const int64_t K = w->K, N = w->N;
-    double *arows = malloc(sizeof(double) * (size_t)(4 * (K + N) + 1)), *acc = arows + 4 * K;
+    double *arows = malloc(sizeof(double) * (size_t)(MR * (K + N) + 1)), *acc = arows + MR * K;
     double issued = 0, skipped = 0;
     w->oom[slot] = !arows;
-    for (int64_t m = m0; m < m1 && arows; m += 4) {
-        const int64_t rows = m1 - m < 4 ? m1 - m : 4;
-        for (int64_t r = 0; r < 4; r++) {
+    for (int64_t m = m0; m < m1 && arows; m += MR) {
+        const int64_t rows = m1 - m < MR ? m1 - m : MR;
+        for (int64_t r = 0; r < MR; r++) {
             int64_t nz = 0;
             for (int64_t kk = 0; kk < K; kk++) {
                 arows[r * K + kk] = r < rows ? (double)ld(w->a, w->aoff + (m + r) * K + kk) : 0;
@@ -512,7 +684,7 @@ static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
                 skipped += (double)(w->skip ? K - nz : 0) * (double)N;
             }
         }
-        matmul_rows4(arows, w->bd, K, N, acc);
+        matmul_rows(arows, w->bd, K, N, acc);
         requant_rows(acc, rows * N, w->ins->a[0], w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
     }
     free(arows);

@@ -74,6 +74,40 @@ def test_table_ops_at_extreme_table_values(toy, low, high):
         assert np.array_equal(SimRuntime(mutated, TARGET).run(x)[0]["out"], want)
 
 
+@pytest.mark.parametrize("weight_bits, act_bits", [(8, 16), (4, 8)])
+def test_wide_layers_through_every_dense_kernel(weight_bits, act_bits):
+    """Inner sizes past the kernels' int32 runs (more than 256 pencils in a group, 128 weight pairs), odd
+    pencil counts, a column count that is not a multiple of 32, and blocks of 8, 4 and 1 rows: the
+    simulator's dense and pencil kernels match the reference to the bit."""
+    from femtocc.ir import Graph, TensorType
+    from femtocc.passes import PassManager, pipeline
+    from femtocc.passes.calibrate import RangeRecorder, attach_ranges
+    from femtocc.targets.spu001.codegen import generate
+
+    rng = np.random.default_rng(3)
+    g = Graph("wide")
+    x = g.add_input("x", TensorType("f32", (1, "T", 700)))
+    w1 = rng.standard_normal((700, 64)).astype(np.float32)
+    w1.reshape(700, 8, 8)[rng.random((700, 8)) < 0.45] = 0  # pencils: about 385 per group, some odd
+    h = g.make_node("dense", [x, g.add_constant("w1", w1)], [TensorType("f32", (1, "T", 64))], meta={"scope": "fc1"}).outputs[0]
+    w2 = rng.standard_normal((64, 72)).astype(np.float32)
+    g.outputs = [g.make_node("dense", [h, g.add_constant("w2", w2)], [TensorType("f32", (1, "T", 72))], names=["out"],
+                             meta={"scope": "fc2"}).outputs[0]]
+    feeds = {"x": rng.standard_normal((1, 13, 700)).astype(np.float32)}
+    recorder = RangeRecorder()
+    recorder.runner(g)(feeds)
+    attach_ranges({"wide": g}, recorder.ranges)
+    PassManager.parse(pipeline("spu001", weight_bits=weight_bits, act_bits=act_bits, tokens=13)).run(g)
+    data = generate(g, TARGET).to_bytes()
+    assert [b.layout for b in Program.from_bytes(data).buffers if b.name == "w1.q"] == ["pencil"]
+    for t in (13, 8, 5, 1):
+        q = np.iinfo(np.int16 if act_bits == 16 else np.int8).max
+        x = {"x": rng.integers(-q, q + 1, (1, t, 700)).astype(np.int16 if act_bits == 16 else np.int8)}
+        x["x"][0, 0, :] = -q - 1  # the most negative input everywhere in one row
+        want = ReferenceRuntime(Program.from_bytes(data)).run(x)["out"]
+        assert np.array_equal(SimRuntime(data, TARGET).run(x)[0]["out"], want)
+
+
 def test_bad_inputs_and_config(toy):
     _, _, data = toy
     sim = SimRuntime(data, TARGET)
