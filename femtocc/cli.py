@@ -279,8 +279,6 @@ def cmd_prune(args) -> int:
         raise FemtoccError("--vocabulary-from restricts a finished model: recover first, then run "
                            "femtocc prune OUT --sparsity 0 --vocabulary-from DIR on the result")
     if args.schedule or args.train:
-        if args.plan:
-            raise FemtoccError("--plan prunes each layer to its planned sparsity in one shot; it does not take --schedule")
         return _cmd_recover(args)
     per_layer = None
     if args.plan:
@@ -349,6 +347,29 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def plan_schedules(path, sparsities: list[float]) -> tuple[list, str, str]:
+    """``prune --plan PLAN --schedule S``: every layer the plan names follows the schedule's shape to its
+    own planned sparsity (stage ``i`` prunes layer ``n`` to ``planned[n] * S[i] / S[-1]``); the layers
+    it does not name stay dense. Returns (the per-layer schedules, a regex of the planned layers, the
+    plan's pattern)."""
+    import re
+
+    from femtocc.passes.plan import read_plan
+
+    plan = read_plan(path)
+    if sparsities[-1] <= 0:
+        raise FemtoccError("--plan with --schedule: the schedule's final sparsity must be above 0 (it gives the "
+                           "shape; each layer ends at its planned sparsity)")
+    if "proj_out" in plan["layers"] or "decoder.embed_tokens" in plan["layers"]:
+        raise FemtoccError(f"--plan {path} prunes the token table, which recovery training does not prune; plan "
+                           "--scope encoder, or prune that plan in one shot")
+    planned = {n: v["sparsity"] for n, v in plan["layers"].items() if v["sparsity"] > 0}
+    if not planned:
+        raise FemtoccError(f"--plan {path}: no layer is pruned")
+    groups = [(f"^{re.escape(n)}$", [round(p * x / sparsities[-1], 6) for x in sparsities]) for n, p in planned.items()]
+    return groups, "^(" + "|".join(re.escape(n) for n in planned) + ")$", plan["pattern"]
+
+
 def _cmd_recover(args) -> int:
     """``prune --schedule ... --train DIR``: gradual OBS with distillation (passes/recover.py)."""
     import time
@@ -372,6 +393,11 @@ def _cmd_recover(args) -> int:
                            f"got {len(plain)}")
     sparsities = parse_schedule(plain[0])
     groups = [(text.split("@", 1)[1], parse_schedule(text.split("@", 1)[0])) for text in args.schedule if "@" in text]
+    layers = args.layers
+    if args.plan:
+        if groups or args.layers:
+            raise FemtoccError("--plan gives every layer its own sparsity; leave out @REGEX schedules and --layers")
+        groups, layers, args.pattern = plan_schedules(args.plan, sparsities)
     check_schedules(RecoverConfig(sparsities, groups=groups))
     fixed = parse_pattern(args.pattern).fixed_sparsity
     if fixed is not None and any(x != fixed for x in [*sparsities, *(x for _, g in groups for x in g)]):
@@ -416,7 +442,7 @@ def _cmd_recover(args) -> int:
     targets = teacher_targets(teacher, windows, k=args.top_k, hidden=args.hidden_weight > 0, progress=talk)
     cfg = RecoverConfig(sparsities, args.pattern, args.steps_per_stage, args.final_steps, args.batch, args.lr,
                         args.warmup, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
-                        block_weight=args.block_weight, precision=args.precision, seed=args.seed, layers=args.layers,
+                        block_weight=args.block_weight, precision=args.precision, seed=args.seed, layers=layers,
                         groups=groups, context_s=args.context)
     work = out.with_name(out.name + ".recovery")
     student, report = recover(teacher, cfg, windows, targets, calib, work, resume=args.resume, progress=talk,
@@ -434,6 +460,7 @@ def _cmd_recover(args) -> int:
     report.update({"command": "femtocc " + " ".join(sys.argv[1:]), "schedule": plain[0], "teacher": teacher_name,
                    "start": args.model,
                    "group_schedules": [text for text in args.schedule if "@" in text],
+                   **({"plan": str(args.plan), "pattern": args.pattern} if args.plan else {}),
                    "data": {"train": str(args.train), **packing_stats(windows, args.context), "context_s": args.context,
                             "calibration": str(args.calib),
                             "calibration_utterances": len(calib), "validation": str(args.val),
@@ -442,7 +469,8 @@ def _cmd_recover(args) -> int:
     with atomic_write(out / "train-report.json", "w") as f:
         json.dump(report, f, indent=1)
     last = report["stages"][-1]
-    print(f"recovered {args.model} over {len(report['stages'])} stages to sparsity {last['target_sparsity']} "
+    reached = f"the sparsities of {args.plan}" if args.plan else f"sparsity {last['target_sparsity']}"
+    print(f"recovered {args.model} over {len(report['stages'])} stages to {reached} "
           f"({report['data']['speech_s']:.0f} s of training speech in {len(windows)} windows)"
           + (f", kept stage {report['kept_stage']}" if "kept_stage" in report else "")
           + f"; wrote {out} (train-report.json) and the stages in {work}")
@@ -652,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
                    help="same sparsity in every layer, or allocated across layers from the OBS error (default uniform)")
     p.add_argument("--plan", default=None, metavar="PLAN.json",
-                   help="prune each layer a femtocc plan names to its planned sparsity, in its pattern (OBS)")
+                   help="prune each layer a femtocc plan names to its planned sparsity, in its pattern (OBS); with "
+                        "--schedule and --train, gradually with recovery training (the schedule gives the shape)")
     p.add_argument("--damping", type=float, default=None, help="OBS damping as a fraction of mean(diag H) (default: automatic)")
     p.add_argument("--refit-iterations", type=int, default=REFIT_ITERATIONS, metavar="N",
                    help="OBS: conjugate-gradient iterations that refit the kept weights to the pruned mask "

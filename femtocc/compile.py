@@ -167,7 +167,11 @@ def compile_model(opts: CompileOptions) -> dict:
 
     prune_report = None
     model = bundle
-    if opts.method:
+    if plan:  # a model recovered to the plan (prune --plan --schedule) is compiled as it is
+        from femtocc.passes.plan import still_to_prune
+
+        cfg.per_layer = still_to_prune(bundle.model, cfg.per_layer)
+    if opts.method and (not plan or cfg.per_layer):
         model, prune_report = prune_model(bundle, cfg, calib, progress=opts.progress)
         t = _stage(opts, "prune", t, f"{opts.method} {opts.pattern} {prune_report['sparsity']:.3f}")
 

@@ -22,7 +22,10 @@ error per byte, until the scope fits. A plan that cannot fit even at the largest
 error naming the shortfall.
 
 The plan (``plan.json``) lists each layer's sparsity, bytes and error; ``femtocc prune`` and
-``femtocc compile`` apply it with ``--plan``.
+``femtocc compile`` apply it with ``--plan``, in one shot, or ``femtocc prune --plan --schedule
+--train`` gradually with recovery training (each layer follows the schedule's shape to its planned
+sparsity); ``compile --plan`` of a model already at the plan's sparsities prunes nothing and
+checks that the scope fits.
 """
 
 from __future__ import annotations
@@ -147,6 +150,17 @@ def _shape(model, name, scope):
     from femtocc.passes.prune import weight_matrix
 
     return weight_matrix(scope_layers(model, scope)[name]).shape
+
+
+def still_to_prune(model, per_layer: dict[str, float], slack: float = 0.005) -> dict[str, float]:
+    """The planned layers that ``model`` (transformers Whisper) does not already hold at their planned
+    sparsity (within ``slack``): a model recovered to the plan (``prune --plan --schedule``) is
+    compiled as it is, not pruned again."""
+    from femtocc.passes.calibrate import prunable_layers
+
+    layers = prunable_layers(model, include_embeddings=True)
+    return {n: s for n, s in per_layer.items()
+            if n not in layers or float((layers[n].weight == 0).float().mean()) < s - slack}
 
 
 def read_plan(path) -> dict:

@@ -95,14 +95,16 @@ def _student_module(model, frames: int | None):
 
 def stage_targets(model, cfg: RecoverConfig, stage: int) -> dict[float, list[str]]:
     """Stage ``stage``'s sparsity -> the layers pruned to it: a layer follows the first of
-    ``cfg.groups`` whose regex it matches, else the main schedule (if ``cfg.layers`` admits it)."""
+    ``cfg.groups`` whose regex it matches, else the main schedule (if ``cfg.layers`` admits it). A
+    regex that matches no prunable layer at all is an error."""
     from femtocc.passes.calibrate import prunable_layers
 
-    names = list(prunable_layers(model))
+    every = list(prunable_layers(model))
+    names = list(every)
     out: dict[float, list[str]] = {}
     for regex, sparsities in [*cfg.groups, (cfg.layers, cfg.sparsities)]:
         rx = re.compile(regex) if regex else None
-        if regex is not None and not any(rx.search(n) for n in names):
+        if regex is not None and not any(rx.search(n) for n in every):
             raise FemtoccError(f"{regex!r} matches no prunable layer")
         chosen = [n for n in names if rx is None or rx.search(n)]
         names = [n for n in names if n not in chosen]

@@ -264,3 +264,62 @@ def test_layer_groups_follow_their_own_schedule(tiny):
         stage_targets(tiny.model, RecoverConfig([0.2], groups=[("^nothing", [0.5])]), 0)
     with pytest.raises(FemtoccError, match="same number of stages"):
         recover(tiny, RecoverConfig([0.2, 0.5], groups=[("^encoder", [0.9])]), [], None, [], Path("unused"))
+
+
+def _plan_file(tmp_path, layers: dict) -> Path:
+    from femtocc.passes.plan import PLAN_FORMAT
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": PLAN_FORMAT, "pattern": "pencil8",
+                                "layers": {n: {"sparsity": s} for n, s in layers.items()}}))
+    return path
+
+
+def test_a_plan_recovered_gradually(tmp_path, dev_data, capsys):
+    """prune --plan --schedule --train: each planned layer follows the schedule's shape to its own
+    planned sparsity (pencil8), masks only grow, the layers the plan leaves out stay dense."""
+    from femtocc.cli import main, plan_schedules
+    from femtocc.frontend.whisper import load_whisper
+
+    plan = _plan_file(tmp_path, {"encoder.layers.0.fc1": 0.5, "encoder.layers.1.fc2": 0.25, "encoder.layers.2.fc1": 0.0})
+    groups, layers, pattern = plan_schedules(plan, [0.3, 0.6])
+    assert pattern == "pencil8" and dict(groups) == {r"^encoder\.layers\.0\.fc1$": [0.25, 0.5],
+                                                     r"^encoder\.layers\.1\.fc2$": [0.125, 0.25]}
+    out = tmp_path / "rec"
+    assert main(["prune", "whisper-tiny.en", "--plan", str(plan), "--schedule", "linear:0.3:0.6:2", "--train", str(TRAIN_DIR),
+                 "--train-limit", "4", "--steps-per-stage", "1", "--warmup", "1", "--top-k", "8", "--val-limit", "0",
+                 "--calib", str(dev_data), "--calib-limit", "2", "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "train-report.json").read_text())
+    assert report["plan"] == str(plan) and report["pattern"] == "pencil8"
+    first = weights(load_whisper(str(tmp_path / "rec.recovery" / "stage-00")))
+    w = weights(load_whisper(str(out)))
+    for name, planned in (("encoder.layers.0.fc1", 0.5), ("encoder.layers.1.fc2", 0.25)):
+        assert (first[name] == 0).mean() == pytest.approx(planned * 0.45 / 0.6, abs=0.01)  # linear: 0.45, then 0.6
+        assert (w[name] == 0).mean() == pytest.approx(planned, abs=0.01)
+        assert not np.any((first[name] == 0) & (w[name] != 0))  # masks only grow
+        pencils = (w[name] == 0).reshape(-1, 8, w[name].shape[1])  # [out / 8, 8, in]: whole pencils zero
+        assert np.array_equal(pencils.all(axis=1), pencils.any(axis=1))
+    assert all((w[n] == 0).mean() < 1e-3 for n in ("encoder.layers.2.fc1", "decoder.layers.0.fc1"))  # not pruned
+    assert "to the sparsities of" in capsys.readouterr().out
+    # compile --plan prunes only what the model does not already hold at its planned sparsity
+    from femtocc.passes.plan import still_to_prune
+
+    planned = {"encoder.layers.0.fc1": 0.5, "encoder.layers.1.fc2": 0.25}
+    assert still_to_prune(load_whisper(str(out)).model, planned) == {}
+    assert still_to_prune(load_whisper(str(tmp_path / "rec.recovery" / "stage-00")).model, planned) == planned
+
+
+@pytest.mark.parametrize("layers, extra, message", [
+    ({"proj_out": 0.5}, [], "prunes the token table"),
+    ({"encoder.layers.0.fc1": 0.5}, ["--schedule", "cubic:0:0.5:2@^decoder"], "leave out @REGEX"),
+    ({"encoder.layers.0.fc1": 0.5}, ["--layers", "^encoder"], "leave out @REGEX"),
+    ({"encoder.layers.0.fc1": 0.0}, [], "no layer is pruned"),
+])
+def test_bad_plan_recovery_is_one_line(layers, extra, message, tmp_path, capsys, dev_data):
+    from femtocc.cli import main
+
+    plan = _plan_file(tmp_path, layers)
+    assert main(["prune", "whisper-tiny.en", "--plan", str(plan), "--schedule", "cubic:0:0.5:2", *extra, "--train",
+                 str(TRAIN_DIR), "--calib", str(dev_data), "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
