@@ -203,10 +203,11 @@ static int decode_values(BufferDesc *b, uint32_t index, char *err) {
                     (long long)pencils, (unsigned long long)need);
     if (alloc_values(b, index, err)) return -1;
     b->pencils = pencils;
-    b->pencil_index = malloc(sizeof(uint16_t) * (size_t)(pencils ? pencils : 1) + sizeof(uint32_t) * (size_t)(groups + 1));
+    const size_t slots = (size_t)(pencils + (pencils & 1) + 2); /* the offsets after the indices, 4-byte aligned */
+    b->pencil_index = malloc(sizeof(uint16_t) * slots + sizeof(uint32_t) * (size_t)(groups + 1));
     b->pencil_words = malloc((size_t)(pencils ? pencils : 1) * (size_t)h);
     if (!b->pencil_index || !b->pencil_words) return spu_fail(err, "weight %s: out of memory", b->name);
-    uint32_t *offsets = (uint32_t *)(b->pencil_index + pencils);
+    uint32_t *offsets = (uint32_t *)(b->pencil_index + slots);
     for (int64_t g = 0; g <= groups; g++) offsets[g] = rd32(raw + 4 * g);
     b->pencil_offsets = offsets;
     const uint8_t *idx = raw + head, *words = raw + head + 2 * pencils;
