@@ -477,7 +477,7 @@ typedef struct {
     Tensor *out;
     const double *bd; /* the batch's b as doubles: [K][N] */
     const Instr *ins;
-    int64_t M, K, N, aoff, ooff;
+    int64_t M, K, N, aoff, ooff, limit; /* limit: requant_limit of the multiplier */
     int skip;
     double issued[SPU_MAX_THREADS], skipped[SPU_MAX_THREADS];
     int oom[SPU_MAX_THREADS];
@@ -496,28 +496,38 @@ typedef struct {
     int oom[SPU_MAX_THREADS];
 } DenseWork;
 
-/* one output row of a qdense: out[o + n] = saturate(requant(acc[n], mult[n], shift), bits); where every
-   |acc[n]| <= limit[n] (|acc * mult| < 2**62) one branch-free int64 pass the compiler vectorises */
-HOT static void requant_dense_row(const int64_t *acc, int64_t N, const int64_t *mult, const int64_t *limit, int64_t shift,
-                                  int64_t bits, Tensor *out, int64_t o) {
+/* the largest |acc| with |acc * m| < 2**62 */
+static int64_t requant_limit(int64_t m) {
+    const uint64_t am = m < 0 ? (uint64_t)0 - (uint64_t)m : (uint64_t)m;
+    return am ? (int64_t)(UINT64_C(0x3fffffffffffffff) / am) : INT64_MAX;
+}
+
+/* out[o + i] = saturate(requant(acc[i], mult[i], shift), bits) for i < n, mult and limit (requant_limit
+   of each multiplier) per column, or one of each for all when !per_column: where every |acc[i]| is
+   within its limit, one branch-free int64 pass the compiler vectorises, else the general 128-bit form */
+HOT static void requant_i64(const int64_t *acc, int64_t n, const int64_t *mult, const int64_t *limit, int per_column,
+                            int64_t shift, int64_t bits, Tensor *out, int64_t o) {
     int64_t bad = shift < 1 || shift > 62 || (out->dtype != DT_I16 && out->dtype != DT_I8);
-    for (int64_t n = 0; n < N && !bad; n++) bad |= (acc[n] > limit[n]) | (acc[n] < -limit[n]);
+    for (int64_t i = 0; i < n && !bad; i++) {
+        const int64_t l = limit[per_column ? i : 0];
+        bad |= (acc[i] > l) | (acc[i] < -l);
+    }
     if (bad) {
-        for (int64_t n = 0; n < N; n++) st(out, o + n, saturate(requant(acc[n], mult[n], shift), bits));
+        for (int64_t i = 0; i < n; i++) st(out, o + i, saturate(requant(acc[i], mult[per_column ? i : 0], shift), bits));
         return;
     }
     const int64_t half = (int64_t)1 << (shift - 1), q = ((int64_t)1 << (bits - 1)) - 1;
     if (out->dtype == DT_I16) {
         int16_t *dst = (int16_t *)out->data + o;
-        for (int64_t n = 0; n < N; n++) { /* arithmetic shift: a floor, as in rshift_round_w */
-            const int64_t v = (acc[n] * mult[n] + half) >> shift;
-            dst[n] = (int16_t)(v > q ? q : (v < -q ? -q : v));
+        for (int64_t i = 0; i < n; i++) { /* arithmetic shift: a floor, as in rshift_round_w */
+            const int64_t v = (acc[i] * mult[per_column ? i : 0] + half) >> shift;
+            dst[i] = (int16_t)(v > q ? q : (v < -q ? -q : v));
         }
     } else {
         int8_t *dst = (int8_t *)out->data + o;
-        for (int64_t n = 0; n < N; n++) {
-            const int64_t v = (acc[n] * mult[n] + half) >> shift;
-            dst[n] = (int8_t)(v > q ? q : (v < -q ? -q : v));
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t v = (acc[i] * mult[per_column ? i : 0] + half) >> shift;
+            dst[i] = (int8_t)(v > q ? q : (v < -q ? -q : v));
         }
     }
 }
@@ -576,7 +586,7 @@ static void qdense_part(void *arg, int64_t b0, int64_t b1, int slot) {
         else
             for (int64_t r = 0; r < R; r++) dense_row(xr + r * K, w8, K, N, acc + r * N, part);
         for (int64_t r = 0; r < R; r++)
-            requant_dense_row(acc + r * N, N, d->mult->values, d->limit, d->ins->a[0], d->ins->a[1], d->out, (r0 + r) * N);
+            requant_i64(acc + r * N, N, d->mult->values, d->limit, 1, d->ins->a[0], d->ins->a[1], d->out, (r0 + r) * N);
     }
     free(acc); free(part); free(xr); free(row); free(xp); free(xt16);
     d->issued[slot] = (double)issued;
@@ -606,11 +616,7 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
         free(limit);
         return spu_fail(c->err, "out of memory");
     }
-    for (int64_t n = 0; n < N; n++) {
-        const int64_t m = mult->values[n];
-        const uint64_t am = m < 0 ? (uint64_t)0 - (uint64_t)m : (uint64_t)m;
-        limit[n] = am ? (int64_t)(UINT64_C(0x3fffffffffffffff) / am) : INT64_MAX;
-    }
+    for (int64_t n = 0; n < N; n++) limit[n] = requant_limit(mult->values[n]);
     for (int64_t kk = 0; kk < K; kk++) uses[kk] = pencil ? 0 : N;
     if (pencil)
         for (int64_t q = 0; q < w->pencils; q++) uses[w->pencil_index[q]] += w->block;
@@ -636,42 +642,15 @@ static int op_qdense(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *s
     return 0;
 }
 
-/* out[o + i] = saturate(requant(acc[i], mult, shift), bits) for exact-integer doubles: in int64 where
-   |acc * mult| stays below 2**62 (always, for valid programs), else in 128 bits */
-HOT static void requant_rows(const double *acc, int64_t n, int64_t mult, int64_t shift, int64_t bits, Tensor *out, int64_t o) {
-    /* |acc| < 2**53 (exact integers); where |acc * mult| < 2**62 for the whole block, one branch-free
-       int64 pass (the compiler vectorises it), else the general form element by element */
-    const int64_t limit = mult ? INT64_C(0x3fffffffffffffff) / (mult < 0 ? -mult : mult) : INT64_MAX;
-    double most = 0;
-    for (int64_t i = 0; i < n; i++) most = fabs(acc[i]) > most ? fabs(acc[i]) : most;
-    if (shift < 1 || shift > 62 || (out->dtype != DT_I16 && out->dtype != DT_I8) || most > (double)limit) {
-        for (int64_t i = 0; i < n; i++) st(out, o + i, saturate(requant((int64_t)acc[i], mult, shift), bits));
-        return;
-    }
-    const int64_t half = (int64_t)1 << (shift - 1), q = ((int64_t)1 << (bits - 1)) - 1;
-    if (out->dtype == DT_I16) {
-        int16_t *dst = (int16_t *)out->data + o;
-        for (int64_t i = 0; i < n; i++) { /* arithmetic shift: a floor, as in rshift_round_w */
-            const int64_t v = ((int64_t)acc[i] * mult + half) >> shift;
-            dst[i] = (int16_t)(v > q ? q : (v < -q ? -q : v));
-        }
-    } else {
-        int8_t *dst = (int8_t *)out->data + o;
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t v = ((int64_t)acc[i] * mult + half) >> shift;
-            dst[i] = (int8_t)(v > q ? q : (v < -q ? -q : v));
-        }
-    }
-}
-
 /* rows [m0, m1) of one batch of a qmatmul, MR at a time (a short last group padded with zero rows) */
 static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
     MatmulWork *w = arg;
     const int64_t K = w->K, N = w->N;
     double *arows = malloc(sizeof(double) * (size_t)(MR * (K + N) + 1)), *acc = arows + MR * K;
+    int64_t *sums = malloc(sizeof(int64_t) * (size_t)(MR * N + 1));
     double issued = 0, skipped = 0;
-    w->oom[slot] = !arows;
-    for (int64_t m = m0; m < m1 && arows; m += MR) {
+    w->oom[slot] = !arows || !sums;
+    for (int64_t m = m0; m < m1 && !w->oom[slot]; m += MR) {
         const int64_t rows = m1 - m < MR ? m1 - m : MR;
         for (int64_t r = 0; r < MR; r++) {
             int64_t nz = 0;
@@ -685,9 +664,11 @@ static void qmatmul_part(void *arg, int64_t m0, int64_t m1, int slot) {
             }
         }
         matmul_rows(arows, w->bd, K, N, acc);
-        requant_rows(acc, rows * N, w->ins->a[0], w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
+        for (int64_t i = 0; i < rows * N; i++) sums[i] = (int64_t)acc[i]; /* exact: |acc| < 2**53 for K < 2**23 */
+        requant_i64(sums, rows * N, &w->ins->a[0], &w->limit, 0, w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
     }
     free(arows);
+    free(sums);
     w->issued[slot] = issued;
     w->skipped[slot] = skipped;
 }
@@ -713,8 +694,7 @@ static int qmatmul_few(MatmulWork *w, const Tensor *b, int64_t boff, double *iss
     const int64_t K = w->K, N = w->N, M = w->M;
     int32_t *arow = malloc(sizeof(int32_t) * (size_t)(K + 1));
     int64_t *acc = malloc(sizeof(int64_t) * (size_t)(N + 1));
-    double *accd = malloc(sizeof(double) * (size_t)(N + 1));
-    int ok = arow && acc && accd;
+    int ok = arow && acc;
     for (int64_t m = 0; m < M && ok; m++) {
         int64_t nz = 0;
         for (int64_t kk = 0; kk < K; kk++) {
@@ -725,10 +705,9 @@ static int qmatmul_few(MatmulWork *w, const Tensor *b, int64_t boff, double *iss
         *skipped += (double)(w->skip ? K - nz : 0) * (double)N;
         if (b->dtype == DT_I16) few_row_int16_t(arow, (const int16_t *)b->data + boff, K, N, acc);
         else few_row_int8_t(arow, (const int8_t *)b->data + boff, K, N, acc);
-        for (int64_t n = 0; n < N; n++) accd[n] = (double)acc[n]; /* |acc| < 2**53 for K < 2**23 */
-        requant_rows(accd, N, w->ins->a[0], w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
+        requant_i64(acc, N, &w->ins->a[0], &w->limit, 0, w->ins->a[1], w->ins->a[2], w->out, w->ooff + m * N);
     }
-    free(arow); free(acc); free(accd);
+    free(arow); free(acc);
     return ok ? 0 : -1;
 }
 
@@ -755,7 +734,7 @@ static int op_qmatmul(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats *
     const int few = M < 4 && (b->dtype == DT_I16 || b->dtype == DT_I8); /* a decoding step: from the integers */
     double *bd = few ? NULL : malloc(sizeof(double) * (size_t)(K * N + 1)); /* b as doubles: [K][N] */
     if (!few && !bd) return spu_fail(c->err, "out of memory");
-    MatmulWork w = {.a = a, .out = out, .bd = bd, .ins = ins, .M = M, .K = K, .N = N,
+    MatmulWork w = {.a = a, .out = out, .bd = bd, .ins = ins, .M = M, .K = K, .N = N, .limit = requant_limit(ins->a[0]),
                     .skip = (int)c->cfg->skip_zero_activations};
     double issued = 0, skipped = 0;
     int64_t last_b = -1;
