@@ -163,6 +163,17 @@ static inline int64_t lut(const BufferDesc *table, int64_t u, int64_t step_bits)
     return lo + (v >= 0 ? v >> step_bits : -((-v - 1) >> step_bits) - 1);
 }
 
+/* the interpolated table at every position it covers ((d >> step) + 1 < entries; d < entries without a
+   step), into *positions of them; int32, since an interpolated value lies between two i32 entries.
+   NULL when out of memory. */
+static int32_t *table_every(const BufferDesc *table, int64_t step, int64_t *positions) {
+    *positions = step ? (table->numel - 1) << step : table->numel;
+    int32_t *every = malloc(sizeof(int32_t) * (size_t)(*positions + 1));
+    if (every)
+        for (int64_t d = 0; d < *positions; d++) every[d] = (int32_t)lut(table, d, step);
+    return every;
+}
+
 /* ------------------------------------------------------------------------------------------ broadcasting */
 
 typedef struct { int rank; int64_t shape[SPU_MAX_RANK]; int64_t strides[3][SPU_MAX_RANK]; } Bcast;
@@ -830,11 +841,9 @@ static int op_unary_table(Ctx *c, const Instr *ins, int k, Tensor *out, InstrSta
     int64_t bits = ins->a[1], step = ins->a[0];
     if (!table || table->dtype != DT_I32 || table->numel != (((int64_t)1 << (bits - step)) + 1) || step > bits)
         return spu_fail(c->err, "instruction %d (qgelu): table must be an i32 constant of 2**(bits-step_bits)+1 entries", k);
-    GeluWork g = {.x = x, .out = out, .half = (int64_t)1 << (bits - 1), .bits = bits,
-                  .positions = step ? (table->numel - 1) << step : table->numel};
-    int32_t *every = malloc(sizeof(int32_t) * (size_t)g.positions);
+    GeluWork g = {.x = x, .out = out, .half = (int64_t)1 << (bits - 1), .bits = bits};
+    int32_t *every = table_every(table, step, &g.positions);
     if (!every) return spu_fail(c->err, "out of memory");
-    for (int64_t u = 0; u < g.positions; u++) every[u] = (int32_t)lut(table, u, step); /* between two i32 entries */
     g.every = every;
     int parts = parallel_for(x->numel, 2.0 * (double)x->numel, qgelu_part, &g);
     free(every);
@@ -930,11 +939,9 @@ static int op_qsoftmax(Ctx *c, const Instr *ins, int k, Tensor *out, InstrStats 
         return spu_fail(c->err, "instruction %d (qsoftmax): table must be an i32 constant of 2**(input bits - step_bits)+1 entries", k);
     if (tensor_alloc(out, bits_dtype(bits), x->rank, x->shape, c->err)) return -1;
     int64_t n = x->shape[x->rank - 1], rows = n ? x->numel / n : 0;
-    /* positions d with (d >> step) + 1 < entries (d < entries without a step): evaluated once here */
-    int64_t positions = step ? (table->numel - 1) << step : table->numel;
-    int32_t *every = malloc(sizeof(int32_t) * (size_t)positions);
+    int64_t positions;
+    int32_t *every = table_every(table, step, &positions);
     if (!every) return spu_fail(c->err, "out of memory");
-    for (int64_t d = 0; d < positions; d++) every[d] = (int32_t)lut(table, d, step); /* between two i32 entries */
     SoftmaxWork w = {.x = x, .out = out, .table = table, .every = every, .n = n, .step = step, .bits = bits, .positions = positions};
     int parts = parallel_for(rows, 4.0 * (double)x->numel, qsoftmax_part, &w);
     free(every);

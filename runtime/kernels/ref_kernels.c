@@ -18,7 +18,8 @@
  *   lut(x, every, offset, bits, out) -> -1, or the first position outside the table (every: int32)
  *       out = saturate(every[x + offset], bits)                          (qgelu)
  *   softmax(x, n, every, bits, out) -> -1, the first position outside the table, or -2
- *       (-2: a row whose table values are negative or sum to zero: the caller falls back to numpy)
+ *       (-2: a row whose table values are negative or sum to zero or to 2**51 or more: the caller falls
+ *       back to numpy)
  *   layer_norm(x, n, gamma, beta, eps, gamma_shift, bits, out) -> 0, or -2 (fall back to numpy)
  *
  * Integer wrap-around follows numpy's int64 (two's complement, computed in uint64); shifts of
