@@ -347,29 +347,6 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def plan_schedules(path, sparsities: list[float]) -> tuple[list, str, str]:
-    """``prune --plan PLAN --schedule S``: every layer the plan names follows the schedule's shape to its
-    own planned sparsity (stage ``i`` prunes layer ``n`` to ``planned[n] * S[i] / S[-1]``); the layers
-    it does not name stay dense. Returns (the per-layer schedules, a regex of the planned layers, the
-    plan's pattern)."""
-    import re
-
-    from femtocc.passes.plan import read_plan
-
-    plan = read_plan(path)
-    if sparsities[-1] <= 0:
-        raise FemtoccError("--plan with --schedule: the schedule's final sparsity must be above 0 (it gives the "
-                           "shape; each layer ends at its planned sparsity)")
-    if "proj_out" in plan["layers"] or "decoder.embed_tokens" in plan["layers"]:
-        raise FemtoccError(f"--plan {path} prunes the token table, which recovery training does not prune; plan "
-                           "--scope encoder, or prune that plan in one shot")
-    planned = {n: v["sparsity"] for n, v in plan["layers"].items() if v["sparsity"] > 0}
-    if not planned:
-        raise FemtoccError(f"--plan {path}: no layer is pruned")
-    groups = [(f"^{re.escape(n)}$", [round(p * x / sparsities[-1], 6) for x in sparsities]) for n, p in planned.items()]
-    return groups, "^(" + "|".join(re.escape(n) for n in planned) + ")$", plan["pattern"]
-
-
 def _cmd_recover(args) -> int:
     """``prune --schedule ... --train DIR``: gradual OBS with distillation (passes/recover.py)."""
     import time
@@ -397,6 +374,8 @@ def _cmd_recover(args) -> int:
     if args.plan:
         if groups or args.layers:
             raise FemtoccError("--plan gives every layer its own sparsity; leave out @REGEX schedules and --layers")
+        from femtocc.passes.plan import plan_schedules
+
         groups, layers, args.pattern = plan_schedules(args.plan, sparsities)
     check_schedules(RecoverConfig(sparsities, groups=groups))
     fixed = parse_pattern(args.pattern).fixed_sparsity

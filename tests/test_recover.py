@@ -278,8 +278,9 @@ def _plan_file(tmp_path, layers: dict) -> Path:
 def test_a_plan_recovered_gradually(tmp_path, dev_data, capsys):
     """prune --plan --schedule --train: each planned layer follows the schedule's shape to its own
     planned sparsity (pencil8), masks only grow, the layers the plan leaves out stay dense."""
-    from femtocc.cli import main, plan_schedules
+    from femtocc.cli import main
     from femtocc.frontend.whisper import load_whisper
+    from femtocc.passes.plan import plan_schedules
 
     plan = _plan_file(tmp_path, {"encoder.layers.0.fc1": 0.5, "encoder.layers.1.fc2": 0.25, "encoder.layers.2.fc1": 0.0})
     groups, layers, pattern = plan_schedules(plan, [0.3, 0.6])
