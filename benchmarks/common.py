@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 
 
@@ -21,3 +22,8 @@ def write_result(path, result: dict) -> None:
 
     with atomic_write(path, "w") as f:
         json.dump({**header(), **result}, f, indent=2)
+
+
+def femtocc(*args: str) -> None:
+    """Run one femtocc command in a process (quiet; its printout discarded), failing loudly."""
+    subprocess.run([sys.executable, "-m", "femtocc", *args, "--quiet"], check=True, stdout=subprocess.DEVNULL)

@@ -17,16 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import write_result
-
-
-def femtocc(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "femtocc", *args, "--quiet"], check=True, stdout=subprocess.DEVNULL)
+from common import femtocc, write_result
 
 
 def main() -> int:

@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import write_result
-
-
-def femtocc(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "femtocc", *args, "--quiet"], check=True, stdout=subprocess.DEVNULL)
+from common import femtocc, write_result
 
 
 def main() -> int:

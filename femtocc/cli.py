@@ -55,6 +55,14 @@ def pattern(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def widths(text: str) -> tuple:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give weight widths as 8,4") from None
+    return values
+
+
 def buckets(text: str) -> tuple:
     from femtocc.frontend.onnx_export import parse_buckets
 
@@ -547,17 +555,29 @@ def cmd_plan(args) -> int:
     from femtocc.targets.spu001.description import load_target
 
     json_path = _check_json(args.output)
-    target = load_target(args.target_file or "")
-    budget = args.sram if args.sram is not None else target.sram_bytes
-    calib = split_by_speaker(load_dataset(args.calib))[0][: args.calib_limit]
-    bundle = load_whisper(args.model)
-    plan = make_plan(bundle, calib, args.scope, budget, target, args.quant, progress=not args.quiet)
+    if args.source:
+        from femtocc.passes.plan import replan
+
+        if args.model:
+            raise FemtoccError("--from PLAN chooses again from that plan's measurements; give no MODEL")
+        plan = replan(args.source, args.sram, args.layer_bits)
+    else:
+        if not args.model:
+            raise FemtoccError("give a MODEL to plan (or --from PLAN)")
+        target = load_target(args.target_file or "")
+        budget = args.sram if args.sram is not None else target.sram_bytes
+        for bits in args.layer_bits or ():
+            target.check_weight_bits(bits, "--layer-bits")
+        calib = split_by_speaker(load_dataset(args.calib))[0][: args.calib_limit]
+        bundle = load_whisper(args.model)
+        plan = make_plan(bundle, calib, args.scope, budget, target, args.quant, args.layer_bits, progress=not args.quiet)
     with atomic_write(json_path, "w") as f:
         json.dump(plan, f, indent=1)
     sparsities = [v["sparsity"] for v in plan["layers"].values()]
-    print(f"{args.scope} of {bundle.name} in {budget:,} bytes ({plan['pattern']}, {args.quant}): "
+    print(f"{plan['scope']} of {plan['model']} in {plan['sram_bytes']:,} bytes ({plan['pattern']}, {plan['quant']}): "
           f"{plan['scope_bytes']:,} bytes, {plan['resident_nonzero_parameters']:,} of {plan['scope_parameters']:,} "
-          f"parameters kept, layer sparsities {min(sparsities):.2f}-{max(sparsities):.2f}, predicted error "
+          f"parameters kept, layer sparsities {min(sparsities):.2f}-{max(sparsities):.2f}, layers at "
+          f"{', '.join(f'{b} bits: {n}' for b, n in plan['layers_at_bits'].items())}, predicted error "
           f"{plan['predicted_error']:.3f} (sum of layer errors); wrote {json_path}")
     return 0
 
@@ -776,16 +796,22 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plan", help="choose a sparsity per layer so that a scope's weights fit an SRAM budget",
-                       description="Prune every layer of the scope by OBS at each candidate sparsity on calibration "
-                                   "speech, measure its output error and its bytes as the compiler stores them, and "
-                                   "choose per layer to fit the budget at the least summed error (passes/plan.py). "
-                                   "Apply with femtocc prune/compile --plan.")
-    p.add_argument("model")
+    p = sub.add_parser("plan", help="choose a sparsity and weight width per layer so that a scope's weights fit an SRAM budget",
+                       description="Prune every layer of the scope by OBS at each candidate sparsity and round it by "
+                                   "GPTQ at each weight width the target allows, on calibration speech; measure its "
+                                   "output error and its bytes as the compiler stores them, and choose per layer to "
+                                   "fit the budget at the least summed error (passes/plan.py). Apply with femtocc "
+                                   "compile --plan (or prune --plan).")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--from", dest="source", metavar="PLAN",
+                   help="choose again from the candidates PLAN measured (another --sram or --layer-bits; seconds)")
     p.add_argument("--sram", type=parse_size, default=None, help="the budget, e.g. 1MiB (default: the target's SRAM)")
     p.add_argument("--scope", choices=("encoder", "model"), default="encoder",
                    help="the encoder's weights, or the whole model's with the token table (default encoder)")
-    p.add_argument("--quant", choices=tuple(QUANT), default="w8a16", help="the weight precision the build will use")
+    p.add_argument("--quant", choices=tuple(QUANT), default="w8a16",
+                   help="the build's precision: its activation width (and the default weight width)")
+    p.add_argument("--layer-bits", type=widths, default=None, metavar="8,4",
+                   help="the weight widths a layer may get (default: the target's assumptions.layer_weight_bits)")
     p.add_argument("--target-file", default=None, help="a target description TOML (a variant of spu001)")
     p.add_argument("--calib", default=DEFAULT_DATA, help="calibration speech (its speaker-disjoint calibration part)")
     p.add_argument("--calib-limit", type=positive_int, default=16, help="calibration utterances (default 16)")

@@ -68,34 +68,45 @@ def _stage(opts: CompileOptions, name: str, start: float, detail: str = "") -> f
     return now
 
 
-def gptq_weights(bundle, calib, tokens, bits: int, progress: bool) -> dict:
-    """Round every prunable layer of ``bundle`` (in place) with GPTQ; returns module path -> scales."""
+def gptq_weights(bundle, calib, tokens, bits: int, layer_bits: dict, progress: bool) -> dict:
+    """Round every prunable layer of ``bundle`` and its token table (in place) with GPTQ, each at its
+    width in ``layer_bits`` (module path -> bits; ``bits`` for the others); returns path -> scales."""
     from femtocc.passes.calibrate import collect_hessians, prunable_layers
     from femtocc.passes.obs import gptq_quantize
     from femtocc.passes.prune import _store, weight_matrix
 
-    layers = prunable_layers(bundle.model)
+    layers = prunable_layers(bundle.model, include_embeddings=True)
     hessians = collect_hessians(bundle, calib, layers, progress=progress, dense_tokens=tokens)
     scales = {}
     for name, module in layers.items():
-        w, scales[name] = gptq_quantize(weight_matrix(module), hessians.matrices[name], bits)
+        w, scales[name] = gptq_quantize(weight_matrix(module), hessians.matrices[name], layer_bits.get(name, bits))
         _store(module, w)
     return scales
 
 
-def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
+def put_weights(graphs: dict, model, scales: dict | None = None, bits: dict | None = None) -> int:
     """Copy the (pruned) weights of ``model`` into the float graphs' ``dense`` nodes, by module path,
     and the token table into the embedding lookup and the output projection tied to it; ``scales``
-    (GPTQ grids) go on the dense constants as ``weight_scale``."""
+    (GPTQ grids) and ``bits`` (a plan's per-layer widths) go on the constants as ``weight_scale``
+    and ``weight_bits``, which the quantize pass honours."""
     from femtocc.passes.calibrate import prunable_layers
     from femtocc.passes.prune import weight_matrix
 
     layers = prunable_layers(model, include_embeddings=True)
+    scales, bits = scales or {}, bits or {}
     done = 0
+
+    def mark(const, name):
+        if name in scales:
+            const.attrs["weight_scale"] = [float(x) for x in scales[name]]
+        if name in bits:
+            const.attrs["weight_bits"] = int(bits[name])
+
     for g in graphs.values():
         for node in g.nodes:
             scope = node.meta.get("scope", "")
-            module = layers.get("proj_out" if scope == "decoder.embed_tokens" else scope)
+            name = "proj_out" if scope == "decoder.embed_tokens" else scope
+            module = layers.get(name)
             if module is not None and node.op in ("gather", "transpose") and node.inputs[0].is_constant:
                 # the token table, tied: the embedding lookup's table and the output projection's
                 # weight, which the lowered graph still holds as transpose(constant) [V, d]
@@ -103,6 +114,7 @@ def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
                 if node.inputs[0].data.shape != w.shape:
                     raise FemtoccError(f"compile: weight of {scope} is {w.shape}, graph has {node.inputs[0].data.shape}")
                 node.inputs[0].data = np.ascontiguousarray(w, dtype=np.float32)
+                mark(node.inputs[0], name)
                 done += 1
                 continue
             if node.op != "dense" or module is None or not node.inputs[1].is_constant:
@@ -112,8 +124,7 @@ def put_weights(graphs: dict, model, scales: dict | None = None) -> int:
             if const.data.shape != w.shape:
                 raise FemtoccError(f"compile: weight of {node.meta['scope']} is {w.shape}, graph has {const.data.shape}")
             const.data = np.ascontiguousarray(w, dtype=np.float32)
-            if scales and node.meta["scope"] in scales:
-                const.attrs["weight_scale"] = [float(x) for x in scales[node.meta["scope"]]]
+            mark(const, name)
             done += 1
     return done
 
@@ -134,8 +145,6 @@ def compile_model(opts: CompileOptions) -> dict:
         raise FemtoccError(f"--quant {opts.quant!r}: choose from {', '.join(QUANT)}")
     if opts.weight_quant not in ("round", "gptq"):
         raise FemtoccError(f"--weight-quant {opts.weight_quant!r}: choose round or gptq")
-    if opts.vocab_bits not in (0, 4, 8):
-        raise FemtoccError(f"--vocab-bits {opts.vocab_bits}: choose 4 or 8")
     if opts.calib_limit < 1:
         raise FemtoccError("--calib-limit must be at least 1")
     buckets = parse_buckets(opts.buckets)
@@ -147,7 +156,20 @@ def compile_model(opts: CompileOptions) -> dict:
         from femtocc.passes.plan import read_plan
 
         plan = read_plan(opts.plan)
+        if plan.get("quant", opts.quant) != opts.quant:
+            raise FemtoccError(f"--quant {opts.quant}: the plan {opts.plan} counted bytes for {plan['quant']}; "
+                               f"compile with --quant {plan['quant']}")
         opts.method, opts.pattern = "obs", plan["pattern"]
+        if plan.get("weight_quant") == "gptq":  # the plan's errors were measured on GPTQ-rounded weights
+            opts.weight_quant = "gptq"
+    layer_bits = {n: target.check_weight_bits(v["bits"], f"--plan {opts.plan}: layers.{n}.bits")
+                  for n, v in plan["layers"].items() if "bits" in v} if plan else {}
+    if opts.vocab_bits:
+        target.check_weight_bits(opts.vocab_bits, "--vocab-bits")
+        if layer_bits.get("proj_out", opts.vocab_bits) != opts.vocab_bits:
+            raise FemtoccError(f"--vocab-bits {opts.vocab_bits}: the plan {opts.plan} holds the token table at "
+                               f"{layer_bits['proj_out']} bits; leave --vocab-bits out")
+    table_bits = layer_bits.get("proj_out") or opts.vocab_bits  # 0: the pipeline's default
     if opts.method:
         from femtocc.passes.prune import PruneConfig, prune_model
         from femtocc.passes.sparsity import parse_pattern
@@ -183,13 +205,13 @@ def compile_model(opts: CompileOptions) -> dict:
         if model is bundle:
             model = copy.copy(bundle)
             model.model = copy.deepcopy(bundle.model)
-        scales = gptq_weights(model, calib, tokens, wbits, opts.progress)
+        scales = gptq_weights(model, calib, tokens, wbits, {"proj_out": table_bits or 8, **layer_bits}, opts.progress)
         t = _stage(opts, "gptq", t, f"{len(scales)} layers rounded with error compensation")
     paths = export_whisper(bundle, None, buckets=buckets)
     print_opts = {"print_after_all": opts.print_ir_after_all, "print_after": opts.print_ir_after}
     float_pm = PassManager.parse(pipeline("lowered"), **print_opts)
     graphs = {w: float_pm.run(import_onnx(load_onnx(paths[w]), w)) for w in bucket_names(buckets)}
-    replaced = put_weights(graphs, model.model, scales) if model is not bundle else 0
+    replaced = put_weights(graphs, model.model, scales, layer_bits) if model is not bundle or layer_bits else 0
     if model is not bundle:
         for g in graphs.values():
             PassManager.parse(f"annotate-sparsity{{pencil={target.facts.pencil}}}").run(g)
@@ -207,7 +229,7 @@ def compile_model(opts: CompileOptions) -> dict:
     stage_of = {"quantize": "quantize", "select-layout": "layout", "tile-sram": "tile"}
     for w, g in graphs.items():
         spec = pipeline("spu001", target=opts.target, weight_bits=wbits, act_bits=abits,
-                        tokens=prompt if split_name(w)[0] == "decoder_step" else 1, vocab_bits=opts.vocab_bits)
+                        tokens=prompt if split_name(w)[0] == "decoder_step" else 1, vocab_bits=table_bits)
         m = PassManager.parse(spec, **print_opts)
         m.run(g)
         for r in m.records:
@@ -230,7 +252,8 @@ def compile_model(opts: CompileOptions) -> dict:
         "target": target.name,
         "target_file": str(Path(target.source).resolve()) if opts.target else None,
         "quant": opts.quant,
-        "vocab_bits": opts.vocab_bits or 8,  # the token table's (embedding and, when tied, output projection)
+        **({"weight_bits": sorted({wbits, *layer_bits.values()}, reverse=True)} if layer_bits else {}),  # a plan's widths
+        "vocab_bits": table_bits or 8,  # the token table's (embedding and, when tied, output projection)
         "pruning": prune_report and {k: v for k, v in prune_report.items() if k != "layers"},
         "buckets": list(buckets),
         "programs": {w: f"{w}.spu" for w in programs},
@@ -273,7 +296,8 @@ def build_report(graphs, stats, target, bundle, prune_report, opts, programs) ->
                 rows *= d if isinstance(d, int) else 1
             layers.append({
                 "graph": w, "layer": node.meta.get("scope", node.outputs[0].name), "shape": list(c.data.shape),
-                "sparsity": float(1 - np.count_nonzero(c.data) / c.data.size), "format": lay.get("format"),
+                "sparsity": float(1 - np.count_nonzero(c.data) / c.data.size), "bits": c.attrs.get("quant", {}).get("bits"),
+                "format": lay.get("format"),
                 "bytes": lay.get("bytes"), "dense_bytes": lay.get("dense_bytes"), "placement": place.get("where"),
                 "rows_per_run": rows, "cycles": lay.get("cycles_per_row", 0) * rows,
                 "dense_cycles": lay.get("dense_cycles_per_row", 0) * rows,
@@ -298,14 +322,18 @@ def plan_check(report: dict, plan: dict) -> dict:
     """Whether the plan's scope fits its budget as compiled: the stored bytes of the scope's layers
     (the 30-s programs; the token table once), against the plan's ``sram_bytes``."""
     scope = set(plan["layers"])
-    seen, total = set(), 0
+    seen, total, widths = set(), 0, {}
     for r in report["layers"]:
         if "@" in r["graph"] or r["layer"] not in scope or r["layer"] in seen:
             continue
         seen.add(r["layer"])
         total += r["bytes"]
+        widths[r["layer"]] = r["bits"]
+    off = sorted(n for n, b in widths.items() if plan["layers"][n].get("bits", b) != b)
     return {"scope": plan["scope"], "sram_bytes": plan["sram_bytes"], "scope_bytes": total,
             "planned_bytes": plan["scope_bytes"], "resident": total <= plan["sram_bytes"],
+            "layers_at_bits": {str(b): sum(1 for x in widths.values() if x == b) for b in sorted(set(widths.values()), reverse=True)},
+            "widths_not_as_planned": off,
             "layers": len(seen), "placed_in_sram_by_tile_sram": sum(
                 1 for r in report["layers"] if "@" not in r["graph"] and r["layer"] in scope and r["placement"] == "sram")}
 
@@ -363,5 +391,7 @@ def print_report(report: dict, out) -> None:
     print(f"encoder weights SRAM-resident from {pattern} sparsity {bvs['encoder_resident_from']}", file=out)
     if "plan" in report:
         p = report["plan"]
-        print(f"plan: the {p['scope']}'s {p['layers']} layers store {p['scope_bytes']:,} bytes (planned {p['planned_bytes']:,}) "
-              f"against a budget of {p['sram_bytes']:,}: {'SRAM-resident' if p['resident'] else 'DOES NOT FIT'}", file=out)
+        widths = ", ".join(f"{n} at {b} bits" for b, n in p.get("layers_at_bits", {}).items())
+        print(f"plan: the {p['scope']}'s {p['layers']} layers ({widths}) store {p['scope_bytes']:,} bytes (planned "
+              f"{p['planned_bytes']:,}) against a budget of {p['sram_bytes']:,}: "
+              f"{'SRAM-resident' if p['resident'] else 'DOES NOT FIT'}", file=out)

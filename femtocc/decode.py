@@ -256,8 +256,8 @@ def read_build(build_dir) -> tuple[dict, dict[str, bytes]]:
         for what, found, want in (("target", head.target, manifest["target"][:16]), ("graph", head.graph, w[:16])):
             if found != want:
                 raise FemtoccError(f"{file}: {what} {found!r} in the program, {want!r} in {path.name}")
-        want_bits = {QUANT[manifest["quant"]][0]}
-        if bits and bits != want_bits:
+        want_bits = set(manifest.get("weight_bits") or [QUANT[manifest["quant"]][0]])  # a plan's widths, or the quant's
+        if bits - want_bits:
             raise FemtoccError(f"{file}: weight bits {bits} in the program, {want_bits} in {path.name} "
                                f"(quant {manifest['quant']})")
     return manifest, data

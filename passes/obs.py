@@ -292,19 +292,20 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int, damping: f
             break
     if Hinv is None:
         raise FemtoccError("Hessian is not positive definite for GPTQ")
+    zero_t = zero.T.contiguous()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, i1:i2].T.contiguous()  # [block, rows]: each column a contiguous row (tall token tables)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w = W1[:, i]
+            w = W1[i]
             q = torch.clamp(torch.round(w / scale), -q_max, q_max) * scale
-            q[zero[:, i1 + i]] = 0.0
+            q[zero_t[i1 + i]] = 0.0
             err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W1[i:] -= torch.outer(Hinv1[i, i:], err)
+            W1[i] = q
+            Err1[i] = err
+        W[:, i1:i2] = W1.T
+        W[:, i2:] -= Err1.T @ Hinv[i1:i2, i2:]
     return W.to(torch.float32).numpy(), scale.to(torch.float32).numpy()

@@ -1,28 +1,31 @@
-"""Fit-to-SRAM planning: a sparsity per layer so that a scope's weights fit a byte budget, at the
-least predicted accuracy loss (``femtocc plan``).
+"""Fit-to-SRAM planning: a sparsity and a weight width per layer so that a scope's weights fit a
+byte budget, at the least predicted accuracy loss (``femtocc plan``).
 
 For every layer of the scope (``encoder``: the encoder's convolutions and linear layers; ``model``:
-every prunable layer and the token table, the embedding tied to the output projection) and every
-candidate sparsity of :data:`CANDIDATES`, the layer is pruned by OBS (with its refit) in the
-target's native pencil on Hessians collected once from calibration speech, and measured twice:
+every prunable layer and the token table, the embedding tied to the output projection), every
+candidate sparsity of :data:`CANDIDATES` and every weight width the target lets a layer hold
+(``assumptions.layer_weight_bits``: int8 and int4 on spu001, under the build's activation width),
+the layer is pruned by OBS (with its refit) in the target's native pencil, then rounded to the
+width by GPTQ, on Hessians collected once from calibration speech, and measured twice:
 
-* its **error**: OBS's relative output error ``||(W - W') X||^2 / ||W X||^2`` on the calibration
-  inputs (what ``prune`` reports per layer);
-* its **bytes**: the pruned weight quantized at the build's weight precision, then stored as
-  ``select-layout`` would store it (the target cost model's :func:`choose_format`, the same
-  accounting the compile report adds up).
+* its **error**: the relative output error ``||(W - W') X||^2 / ||W X||^2`` of the pruned and
+  rounded weight on the calibration inputs;
+* its **bytes**: that weight stored as ``select-layout`` would store it (the target cost model's
+  :func:`choose_format`, the same accounting the compile report adds up).
 
 The objective is the sum over layers of their relative output errors: each layer's relative
 perturbation of its own output, weighted alike, as in OBS's layer-wise framing (SparseGPT, OBC),
 where end-to-end loss grows with the layer errors. It needs no end-to-end evaluation per candidate,
 which at tens of layers x ten sparsities would cost hours here. The choice is a multiple-choice
 knapsack; :func:`choose` solves it greedily on each layer's lower convex hull of (bytes, error):
-starting dense, it repeatedly moves the layer whose next hull point saves bytes at the least
-error per byte, until the scope fits. A plan that cannot fit even at the largest candidate is an
+starting from every layer's largest candidate (dense, int8), it repeatedly moves the layer whose
+next hull point saves bytes at the least error per byte, until the scope fits. A plan that cannot fit even at the largest candidate is an
 error naming the shortfall.
 
-The plan (``plan.json``) lists each layer's sparsity, bytes and error; ``femtocc prune`` and
-``femtocc compile`` apply it with ``--plan``, in one shot, or ``femtocc prune --plan --schedule
+The plan (``plan.json``) lists each layer's sparsity, width, bytes and error; ``femtocc compile
+--plan`` prunes to it, puts each layer's width on its weight constant (``weight_bits``, which the
+quantize pass honours) and rounds with GPTQ as the plan measured. ``femtocc prune --plan`` prunes
+to it in one shot, or ``femtocc prune --plan --schedule
 --train`` gradually with recovery training (each layer follows the schedule's shape to its planned
 sparsity); ``compile --plan`` of a model already at the plan's sparsities prunes nothing and
 checks that the scope fits.
@@ -51,10 +54,11 @@ def scope_layers(model, scope: str) -> dict:
     return {n: m for n, m in layers.items() if scope == "model" or n.startswith("encoder.")}
 
 
-def layer_options(bundle, calib, scope: str, target, bits: int, progress: bool = False) -> dict[str, list[dict]]:
-    """Per layer of the scope: every candidate's ``{sparsity, error, bytes, format}``."""
+def layer_options(bundle, calib, scope: str, target, widths, progress: bool = False) -> dict[str, list[dict]]:
+    """Per layer of the scope: every candidate's ``{sparsity, bits, error, bytes, format}``, one per
+    sparsity of :data:`CANDIDATES` and weight width of ``widths``."""
     from femtocc.passes.calibrate import collect_hessians
-    from femtocc.passes.obs import obs_prune
+    from femtocc.passes.obs import gptq_quantize, obs_prune, relative_error
     from femtocc.passes.prune import weight_matrix
     from femtocc.passes.quantize import quantize_weight
     from femtocc.passes.sparsity import parse_pattern
@@ -65,22 +69,20 @@ def layer_options(bundle, calib, scope: str, target, bits: int, progress: bool =
     layers = scope_layers(bundle.model, scope)
     hessians = collect_hessians(bundle, calib, layers, progress)
     options = {}
-    for name in steps(list(layers), "plan: OBS per layer and sparsity", "layer", enabled=progress):
-        w = weight_matrix(layers[name])
+    for name in steps(list(layers), "plan: OBS and GPTQ per layer, sparsity and width", "layer", enabled=progress):
+        w, h = weight_matrix(layers[name]), hessians.matrices[name]
         rows = []
         for s in CANDIDATES:
-            new, error = (w, 0.0) if s == 0 else _pruned(obs_prune, w, hessians.matrices[name], s, pattern)
-            q, _ = quantize_weight(new.T, bits)  # [in, out], as the compiled qdense holds it
-            costs = format_costs(q, bits, target)
-            fmt = choose_format(costs)
-            rows.append({"sparsity": s, "error": float(error), "bytes": int(costs[fmt]["bytes"]), "format": fmt})
+            pruned = w if s == 0 else obs_prune(w, h, s, pattern).weight
+            for bits in widths:
+                rounded, scale = gptq_quantize(pruned, h, bits)
+                q, _ = quantize_weight(rounded.T, bits, scale)  # [in, out], as the compiled qdense holds it
+                costs = format_costs(q, bits, target)
+                fmt = choose_format(costs)
+                rows.append({"sparsity": s, "bits": bits, "error": relative_error(w, rounded, h),
+                             "bytes": int(costs[fmt]["bytes"]), "format": fmt})
         options[name] = rows
     return options
-
-
-def _pruned(obs_prune, w, hessian, s, pattern):
-    r = obs_prune(w, hessian, s, pattern)
-    return r.weight, r.error
 
 
 def _hull(rows: list[dict]) -> list[dict]:
@@ -117,33 +119,65 @@ def choose(options: dict[str, list[dict]], budget: int) -> dict[str, dict]:
                     best, rate = n, r
         if best is None:
             smallest = sum(h[-1]["bytes"] for h in hulls.values())
-            raise FemtoccError(f"the scope needs at least {smallest:,} bytes at sparsity {CANDIDATES[-1]}; the budget "
-                               f"is {budget:,}")
+            raise FemtoccError(f"the scope needs at least {smallest:,} bytes at its sparsest and narrowest candidates; "
+                               f"the budget is {budget:,}")
         h = hulls[best]
         total -= h[at[best]]["bytes"] - h[at[best] + 1]["bytes"]
         at[best] += 1
     return {n: hulls[n][at[n]] for n in hulls}
 
 
-def make_plan(bundle, calib, scope: str, budget: int, target, quant: str, progress: bool = False) -> dict:
+HEAD = ("format", "model", "scope", "target", "pattern", "quant", "activation_bits", "weight_quant", "objective",
+        "calibration_utterances")
+
+
+def make_plan(bundle, calib, scope: str, budget: int, target, quant: str, widths=None, progress: bool = False) -> dict:
+    """Measure every layer's candidates and choose. ``widths``: the weight widths a layer may get
+    (default: every width the target allows a layer, ``assumptions.layer_weight_bits``)."""
     from femtocc.compile import QUANT
 
-    bits = QUANT[quant][0]
-    options = layer_options(bundle, calib, scope, target, bits, progress)
-    chosen = choose(options, budget)
-    params = {n: int(np.prod(_shape(bundle.model, n, scope))) for n in chosen}
+    widths = widths or target.assumptions.layer_weight_bits
+    for b in widths:
+        target.check_weight_bits(b, "--layer-bits")
+    options = layer_options(bundle, calib, scope, target, sorted(set(widths), reverse=True), progress)
+    head = {"format": PLAN_FORMAT, "model": bundle.name, "scope": scope, "target": target.name,
+            "pattern": f"pencil{target.facts.pencil}", "quant": quant, "activation_bits": QUANT[quant][1],
+            "weight_quant": "gptq",
+            "objective": "sum of per-layer relative output errors (OBS pruning, then GPTQ rounding) on the calibration speech",
+            "calibration_utterances": len(calib)}
+    params = {n: int(np.prod(_shape(bundle.model, n, scope))) for n in options}
+    return choose_plan(head, options, params, budget, widths)
+
+
+def choose_plan(head: dict, options: dict[str, list[dict]], params: dict[str, int], budget: int, widths) -> dict:
+    """The plan that :func:`choose` makes from measured ``options``, using only the candidates at
+    ``widths``; ``params``: each layer's number of weights."""
+    widths = sorted(set(widths), reverse=True)
+    usable = {n: [r for r in rows if r["bits"] in widths] for n, rows in options.items()}
+    if any(not rows for rows in usable.values()):
+        raise FemtoccError(f"--layer-bits {','.join(map(str, widths))}: the plan measured no candidate at these widths")
+    chosen = choose(usable, budget)
     kept = sum(round(params[n] * (1 - c["sparsity"])) for n, c in chosen.items())
     return {
-        "format": PLAN_FORMAT, "model": bundle.name, "scope": scope, "sram_bytes": budget, "target": target.name,
-        "pattern": f"pencil{target.facts.pencil}", "quant": quant, "weight_bits": bits,
-        "objective": "sum of per-layer OBS relative output errors on the calibration speech",
-        "calibration_utterances": len(calib),
+        **head, "sram_bytes": budget, "layer_bits": widths,
         "scope_bytes": sum(c["bytes"] for c in chosen.values()),
         "scope_parameters": sum(params.values()), "resident_nonzero_parameters": kept,
+        "layers_at_bits": {str(b): sum(1 for c in chosen.values() if c["bits"] == b) for b in widths},
         "predicted_error": sum(c["error"] for c in chosen.values()),
         "layers": {n: {**c, "parameters": params[n]} for n, c in chosen.items()},
         "options": options,
     }
+
+
+def replan(path, budget: int | None = None, widths=None) -> dict:
+    """Choose again from the candidates a plan file measured (``femtocc plan --from``): another budget
+    or fewer widths, in a second instead of the measurement's minutes."""
+    plan = read_plan(path)
+    if not isinstance(plan.get("options"), dict) or any(k not in plan for k in HEAD):
+        raise FemtoccError(f"--from {path}: the plan holds no measured options (make it with femtocc plan)")
+    params = {n: v["parameters"] for n, v in plan["layers"].items()}
+    return choose_plan({k: plan[k] for k in HEAD}, plan["options"], params,
+                       plan["sram_bytes"] if budget is None else budget, widths or plan["layer_bits"])
 
 
 def _shape(model, name, scope):
@@ -199,4 +233,6 @@ def read_plan(path) -> dict:
         s = layer.get("sparsity") if isinstance(layer, dict) else None
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
             raise FemtoccError(f"--plan {path}: layers.{name}.sparsity must be in [0, 1)")
+        if "bits" in layer and (not isinstance(layer["bits"], int) or isinstance(layer["bits"], bool)):
+            raise FemtoccError(f"--plan {path}: layers.{name}.bits must be an integer width (4 or 8)")
     return plan

@@ -6,8 +6,9 @@ Input: a float graph after ``lower-conv`` whose float values carry their calibra
 :func:`~femtocc.passes.calibrate.range_key`). Every float activation gets a static symmetric
 scale ``range / qmax(act-bits)``; then, node by node:
 
-* ``dense`` -> ``qdense``: weights per output channel (``weight-bits``, int4 held in int8; on the
-  grid a constant's ``weight_scale`` names when GPTQ already rounded it), pruned zeros stay zero;
+* ``dense`` -> ``qdense``: weights per output channel (``weight-bits``, or the constant's own
+  ``weight_bits`` where a plan chose a width per layer; int4 held in int8; on the grid a constant's
+  ``weight_scale`` names when GPTQ already rounded it), pruned zeros stay zero;
   bias at scale ``x_scale * w_scale[c]``; per-channel multipliers.
 * ``matmul`` -> ``qmatmul``; ``add`` -> ``qadd``; ``mul`` by a constant -> ``requantize``.
 * ``gelu`` -> ``qgelu`` and ``softmax`` -> ``qsoftmax``: interpolated tables of 1025 (A16) or 257
@@ -15,7 +16,8 @@ scale ``range / qmax(act-bits)``; then, node by node:
   ``qlayer_norm`` (integer mean and variance, exact integer square root).
 * a gather from a constant 2-D table (token embedding) -> ``qgather`` (int8, per-row scales, stored
   like a qdense weight so the output projection tied to it shares the one table). ``vocab-bits``
-  (4 or 8; 0: as before) sets that table's precision and always ties the output projection to it:
+  (4 or 8; 0: as before; the table constant's own ``weight_bits`` and ``weight_scale`` first) sets
+  that table's precision and always ties the output projection to it:
   ``vocab-bits=4`` halves the bytes every decoder step streams for the vocabulary projection;
   data movement (transpose, reshape, concat, slice, gather, im2col, where, ...) runs unchanged on
   integers, keeping its input's scale; operands that must share a scale get a ``requantize``.
@@ -107,6 +109,13 @@ class _Quantizer:
                                "calibrate the same graph and pipeline")
         return max(float(self.ranges[key]), 1e-12) / self.qa
 
+    def own_bits(self, const, default: int) -> int:
+        """A weight constant's width: its own ``weight_bits`` (a plan's per-layer choice) or ``default``."""
+        bits = const.attrs.get("weight_bits", default)
+        if bits not in (4, 8):
+            raise FemtoccError(f"quantize: %{const.name} in @{self.g.name} has weight_bits {bits!r}; give 4 or 8")
+        return bits
+
     def const(self, hint: str, data: np.ndarray):
         return self.g.add_constant(hint, data)
 
@@ -188,18 +197,20 @@ class _Quantizer:
         xq, sx = self.operand(x, node)
         sy = self.scale(out)
         source = w.producer.inputs[0] if w.producer is not None and w.producer.op == "transpose" else None
-        if source is not None and id(source) in self.tied and (self.vbits or self.wbits == 8):
+        tied = source is not None and id(source) in self.tied
+        if tied and (self.vbits or self.wbits == 8 or "weight_bits" in source.attrs):
             c_w, sw = self.tied[id(source)]  # the output projection tied to the token embedding: one table
             wq = c_w.data
         else:
-            wq, sw = quantize_weight(self.constant_data(w), self.wbits, w.attrs.get("weight_scale"))
+            bits = self.own_bits(w, self.wbits)
+            wq, sw = quantize_weight(self.constant_data(w), bits, w.attrs.get("weight_scale"))
             c_w = None
         bias = self.constant_data(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(wq.shape[1], np.float32)
         bias_q = np.rint(bias.astype(np.float64) / (sx * sw.astype(np.float64))).astype(np.int64)
         mult, shift = requant_multipliers(sx * sw.astype(np.float64) / sy)
         if c_w is None:
-            attrs = {k: v for k, v in w.attrs.items() if k != "weight_scale"}
-            attrs["quant"] = {"bits": self.wbits, "axis": 1, "scheme": "symmetric-per-channel"}
+            attrs = {k: v for k, v in w.attrs.items() if k not in ("weight_scale", "weight_bits")}
+            attrs["quant"] = {"bits": bits, "axis": 1, "scheme": "symmetric-per-channel"}
             c_w = self.g.add_constant(w.name + ".q", wq, attrs=attrs)
         inputs = [xq, c_w, self.const(w.name + ".bias_q", bias_q), self.const(w.name + ".multiplier", mult),
                   self.const(w.name + ".scale", sw)]
@@ -286,8 +297,9 @@ class _Quantizer:
         if table is None or table.ndim != 2 or node.attrs.get("axis", 0) != 0:
             return self.op_move(node, out)
         sy = self.scale(out)
-        bits = self.vbits or 8
-        q, row_scale = quantize_weight(table.T, bits)  # [dim, rows]: a qdense weight's layout, shared if tied
+        attrs = node.inputs[0].attrs
+        bits = self.own_bits(node.inputs[0], self.vbits or 8)
+        q, row_scale = quantize_weight(table.T, bits, attrs.get("weight_scale"))  # [dim, rows]: a qdense weight's layout, shared if tied
         c_q = self.g.add_constant(node.inputs[0].name + ".q", q, attrs={"quant": {"bits": bits, "axis": 1, "scheme": "symmetric-per-channel"}})
         self.tied[id(node.inputs[0])] = (c_q, row_scale)
         mult, shift = requant_multipliers(row_scale.astype(np.float64) / sy, 2.0 ** (bits - 1))

@@ -101,13 +101,16 @@ def test_table_ops(tmp_path, act_bits):
     assert "qlayer_norm" in g.op_counts()
 
 
-@pytest.mark.parametrize("opts, bits", [({}, 8), ({"vocab_bits": 4}, 4), ({"weight_bits": 4, "act_bits": 8, "vocab_bits": 8}, 8)])
-def test_token_embedding_is_one_table_for_gather_and_output_projection(tmp_path, opts, bits):
-    """One table, stored once, at ``vocab-bits`` when given (int4: half what a decoder step streams)."""
+@pytest.mark.parametrize("opts, bits, own", [({}, 8, None), ({"vocab_bits": 4}, 4, None),
+                                             ({"weight_bits": 4, "act_bits": 8, "vocab_bits": 8}, 8, None),
+                                             ({}, 4, 4), ({"weight_bits": 4, "act_bits": 8}, 8, 8)])
+def test_token_embedding_is_one_table_for_gather_and_output_projection(tmp_path, opts, bits, own):
+    """One table, stored once, at ``vocab-bits`` when given (int4: half what a decoder step streams),
+    or at the table constant's own ``weight_bits`` (a plan's choice)."""
     table = rng.standard_normal((50, 16)).astype(np.float32)
     g = Graph("dec")
     ids = g.add_input("ids", TensorType("i64", (1, "T")))
-    emb = g.add_constant("emb", table)
+    emb = g.add_constant("emb", table, attrs={"weight_bits": own} if own else None)
     h = g.make_node("gather", [emb, ids], [TensorType("f32", (1, "T", 16))], {"axis": 0}).outputs[0]
     t = g.make_node("transpose", [emb], [TensorType("f32", (16, 50))], {"perm": [1, 0]}).outputs[0]
     logits = g.make_node("matmul", [h, t], [TensorType("f32", (1, "T", 50))]).outputs[0]
@@ -132,6 +135,33 @@ def test_pruned_zeros_and_annotations_survive(tmp_path):
     wq = next(n for n in g.nodes if n.op == "qdense").inputs[1]
     assert wq.data.dtype == np.int8 and not wq.data[:8].any()
     assert wq.attrs["sparsity"] == {"format": "unstructured"} and wq.attrs["quant"]["bits"] == 8
+
+
+def test_a_constant_carries_its_own_weight_width(tmp_path):
+    """A plan's per-layer width: a dense weight marked ``weight_bits=4`` is stored at 4 bits in a W8A16
+    graph (on the grid ``weight_scale`` names, when GPTQ rounded it), its neighbour at 8."""
+    from femtocc.passes.obs import gptq_quantize
+
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    g = Graph("g")
+    v = g.add_input("x0", TensorType("f32", (2, 32)))
+    w4 = rng.standard_normal((32, 16)).astype(np.float32)
+    rounded, scale = gptq_quantize(w4.T, np.eye(32), 4)
+    c4 = g.add_constant("w4", np.ascontiguousarray(rounded.T), attrs={"weight_bits": 4, "weight_scale": scale.tolist()})
+    h = g.make_node("dense", [v, c4], [TensorType("f32", (2, 16))]).outputs[0]
+    c8 = g.add_constant("w8", rng.standard_normal((16, 8)).astype(np.float32))
+    g.outputs = [g.make_node("dense", [h, c8], [TensorType("f32", (2, 8))]).outputs[0]]
+    quantize(g, {"x0": x}, tmp_path)
+    stored = {n.inputs[1].name: n.inputs[1] for n in g.nodes if n.op == "qdense"}
+    assert stored["w4.q"].attrs["quant"]["bits"] == 4 and np.abs(stored["w4.q"].data).max() == 7
+    assert np.array_equal(stored["w4.q"].data, np.rint(rounded.T / scale[None, :]).astype(np.int8))
+    assert "weight_bits" not in stored["w4.q"].attrs and stored["w8.q"].attrs["quant"]["bits"] == 8
+    c = Graph("g")
+    v = c.add_input("x0", TensorType("f32", (2, 32)))
+    bad = c.add_constant("w", w4, attrs={"weight_bits": 2})
+    c.outputs = [c.make_node("dense", [v, bad], [TensorType("f32", (2, 16))]).outputs[0]]
+    with pytest.raises(FemtoccError, match="%w in @g has weight_bits 2; give 4 or 8"):
+        quantize(c, {"x0": x}, tmp_path)
 
 
 def test_vocab_bits_must_be_4_or_8(tmp_path):

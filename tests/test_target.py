@@ -35,6 +35,8 @@ def test_a_larger_variant_is_only_another_description(tmp_path):
         ("mac_int8 = 0.07", "mac_int8 = -1.0", "energy_pj.mac_int8: must not be negative"),
         ('precisions = ["w8a16", "w4a8"]', 'precisions = ["w2a2"]', "unknown precision 'w2a2'"),
         ("[energy_pj]", "[energy]", "unknown key 'energy'"),
+        ("layer_weight_bits = [8, 4]", "layer_weight_bits = [8, 2]", "assumptions.layer_weight_bits: give weight widths"),
+        ("layer_weight_bits = [8, 4]", "layer_weight_bits = []", "assumptions.layer_weight_bits: give weight widths"),
     ],
 )
 def test_bad_descriptions_name_file_and_key(tmp_path, old, new, message):

@@ -42,6 +42,7 @@ class Assumptions:
     external_latency_cycles: int
     core_sync_cycles: int
     skip_zero_activations: bool
+    layer_weight_bits: list
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ class Target:
     @property
     def sram_bytes(self) -> int:
         return self.sram_bytes_per_core * self.facts.cores
+
+    def check_weight_bits(self, bits: int, what: str) -> int:
+        """``bits`` when a layer may hold weights that wide (``assumptions.layer_weight_bits``), else an
+        error naming ``what`` (the option or plan field that asked)."""
+        allowed = self.assumptions.layer_weight_bits
+        if bits not in allowed:
+            raise FemtoccError(f"{what}: {bits}-bit weights; {self.name} holds a layer's weights at "
+                               f"{' or '.join(map(str, allowed))} bits (assumptions.layer_weight_bits in {self.source})")
+        return bits
 
     @property
     def peak_macs_per_second(self) -> float:
@@ -128,13 +138,17 @@ def load(path: str | Path = DEFAULT) -> Target:
     bad = [p for p in facts.precisions if p not in ("w8a16", "w4a8")]
     if bad:
         raise FemtoccError(f"{path}: facts.precisions: unknown precision {bad[0]!r} (known: w8a16, w4a8)")
+    assumptions = _section(Assumptions, data["assumptions"], f"{path}: assumptions")
+    widths = assumptions.layer_weight_bits
+    if not widths or any(b not in (4, 8) or isinstance(b, bool) for b in widths):
+        raise FemtoccError(f"{path}: assumptions.layer_weight_bits: give weight widths from 4 and 8, got {widths!r}")
     if facts.cores < 1 or facts.pencil < 1:
         raise FemtoccError(f"{path}: facts.cores and facts.pencil must be at least 1")
     return Target(
         name=str(data["name"]),
         description=str(data["description"]),
         facts=facts,
-        assumptions=_section(Assumptions, data["assumptions"], f"{path}: assumptions"),
+        assumptions=assumptions,
         energy_pj=_section(Energy, data["energy_pj"], f"{path}: energy_pj"),
         source=str(path),
     )
