@@ -172,10 +172,13 @@ def choose_plan(head: dict, options: dict[str, list[dict]], params: dict[str, in
 def replan(path, budget: int | None = None, widths=None) -> dict:
     """Choose again from the candidates a plan file measured (``femtocc plan --from``): another budget
     or fewer widths, in a second instead of the measurement's minutes."""
-    plan = read_plan(path)
+    plan = read_plan(path, "--from")
     if not isinstance(plan.get("options"), dict) or any(k not in plan for k in HEAD):
         raise FemtoccError(f"--from {path}: the plan holds no measured options (make it with femtocc plan)")
-    params = {n: v["parameters"] for n, v in plan["layers"].items()}
+    params = {n: v.get("parameters") for n, v in plan["layers"].items()}
+    missing = sorted(n for n, v in params.items() if not isinstance(v, int) or n not in plan["options"])
+    if missing:
+        raise FemtoccError(f"--from {path}: layers.{missing[0]} has no parameters or measured options")
     return choose_plan({k: plan[k] for k in HEAD}, plan["options"], params,
                        plan["sram_bytes"] if budget is None else budget, widths or plan["layer_bits"])
 
@@ -218,21 +221,21 @@ def plan_schedules(path, sparsities: list[float]) -> tuple[list, str, str]:
     return groups, "^(" + "|".join(re.escape(n) for n in planned) + ")$", plan["pattern"]
 
 
-def read_plan(path) -> dict:
+def read_plan(path, option: str = "--plan") -> dict:
     """A plan file, checked: its format and a sparsity in [0, 1) for every layer."""
     path = Path(path)
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FemtoccError(f"--plan {path}: no such file") from None
+        raise FemtoccError(f"{option} {path}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FemtoccError(f"--plan {path}: not valid JSON ({e})") from None
+        raise FemtoccError(f"{option} {path}: not valid JSON ({e})") from None
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or not isinstance(plan.get("layers"), dict):
-        raise FemtoccError(f"--plan {path}: not a femtocc plan (format {PLAN_FORMAT} with layers); make one with femtocc plan")
+        raise FemtoccError(f"{option} {path}: not a femtocc plan (format {PLAN_FORMAT} with layers); make one with femtocc plan")
     for name, layer in plan["layers"].items():
         s = layer.get("sparsity") if isinstance(layer, dict) else None
         if not isinstance(s, (int, float)) or not 0 <= s < 1:
-            raise FemtoccError(f"--plan {path}: layers.{name}.sparsity must be in [0, 1)")
+            raise FemtoccError(f"{option} {path}: layers.{name}.sparsity must be in [0, 1)")
         if "bits" in layer and (not isinstance(layer["bits"], int) or isinstance(layer["bits"], bool)):
-            raise FemtoccError(f"--plan {path}: layers.{name}.bits must be an integer width (4 or 8)")
+            raise FemtoccError(f"{option} {path}: layers.{name}.bits must be an integer width (4 or 8)")
     return plan

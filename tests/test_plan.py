@@ -142,7 +142,13 @@ def test_replanning_from_measured_options_changes_budget_and_widths(tmp_path, ca
     assert "model of m in 150 bytes" in capsys.readouterr().out
     assert main(["plan", "whisper-tiny.en", "--from", str(src), "-o", str(out)]) == 2
     assert "give no MODEL" in capsys.readouterr().err
+    del plan["layers"]["b"]["parameters"]
+    src.write_text(json.dumps(plan))
+    assert main(["plan", "--from", str(src), "-o", str(out)]) == 2
+    assert "layers.b has no parameters or measured options" in capsys.readouterr().err
     del plan["options"]
     src.write_text(json.dumps(plan))
     assert main(["plan", "--from", str(src), "-o", str(out)]) == 2
     assert "holds no measured options" in capsys.readouterr().err
+    assert main(["plan", "--from", str(tmp_path / "none.json"), "-o", str(out)]) == 2
+    assert f"--from {tmp_path / 'none.json'}: no such file" in capsys.readouterr().err
