@@ -322,11 +322,10 @@ def plan_check(report: dict, plan: dict) -> dict:
     """Whether the plan's scope fits its budget as compiled: the stored bytes of the scope's layers
     (the 30-s programs; the token table once), against the plan's ``sram_bytes``."""
     scope = set(plan["layers"])
-    seen, total, widths = set(), 0, {}
+    total, widths = 0, {}  # widths: each scope layer seen, once
     for r in report["layers"]:
-        if "@" in r["graph"] or r["layer"] not in scope or r["layer"] in seen:
+        if "@" in r["graph"] or r["layer"] not in scope or r["layer"] in widths:
             continue
-        seen.add(r["layer"])
         total += r["bytes"]
         widths[r["layer"]] = r["bits"]
     off = sorted(n for n, b in widths.items() if plan["layers"][n].get("bits", b) != b)
@@ -334,7 +333,7 @@ def plan_check(report: dict, plan: dict) -> dict:
             "planned_bytes": plan["scope_bytes"], "resident": total <= plan["sram_bytes"],
             "layers_at_bits": {str(b): sum(1 for x in widths.values() if x == b) for b in sorted(set(widths.values()), reverse=True)},
             "widths_not_as_planned": off,
-            "layers": len(seen), "placed_in_sram_by_tile_sram": sum(
+            "layers": len(widths), "placed_in_sram_by_tile_sram": sum(
                 1 for r in report["layers"] if "@" not in r["graph"] and r["layer"] in scope and r["placement"] == "sram")}
 
 

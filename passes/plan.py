@@ -19,16 +19,15 @@ where end-to-end loss grows with the layer errors. It needs no end-to-end evalua
 which at tens of layers x ten sparsities would cost hours here. The choice is a multiple-choice
 knapsack; :func:`choose` solves it greedily on each layer's lower convex hull of (bytes, error):
 starting from every layer's largest candidate (dense, int8), it repeatedly moves the layer whose
-next hull point saves bytes at the least error per byte, until the scope fits. A plan that cannot fit even at the largest candidate is an
-error naming the shortfall.
+next hull point saves bytes at the least error per byte, until the scope fits. A plan that cannot
+fit even at every layer's smallest candidate is an error naming the shortfall.
 
 The plan (``plan.json``) lists each layer's sparsity, width, bytes and error; ``femtocc compile
 --plan`` prunes to it, puts each layer's width on its weight constant (``weight_bits``, which the
 quantize pass honours) and rounds with GPTQ as the plan measured. ``femtocc prune --plan`` prunes
-to it in one shot, or ``femtocc prune --plan --schedule
---train`` gradually with recovery training (each layer follows the schedule's shape to its planned
-sparsity); ``compile --plan`` of a model already at the plan's sparsities prunes nothing and
-checks that the scope fits.
+to it in one shot, or ``femtocc prune --plan --schedule --train`` gradually with recovery training
+(each layer follows the schedule's shape to its planned sparsity); ``compile --plan`` of a model
+already at the plan's sparsities prunes nothing and checks that the scope fits.
 """
 
 from __future__ import annotations
@@ -136,10 +135,9 @@ def make_plan(bundle, calib, scope: str, budget: int, target, quant: str, widths
     (default: every width the target allows a layer, ``assumptions.layer_weight_bits``)."""
     from femtocc.compile import QUANT
 
-    widths = widths or target.assumptions.layer_weight_bits
-    for b in widths:
-        target.check_weight_bits(b, "--layer-bits")
-    options = layer_options(bundle, calib, scope, target, sorted(set(widths), reverse=True), progress)
+    widths = sorted({target.check_weight_bits(b, "--layer-bits") for b in widths or target.assumptions.layer_weight_bits},
+                    reverse=True)
+    options = layer_options(bundle, calib, scope, target, widths, progress)
     head = {"format": PLAN_FORMAT, "model": bundle.name, "scope": scope, "target": target.name,
             "pattern": f"pencil{target.facts.pencil}", "quant": quant, "activation_bits": QUANT[quant][1],
             "weight_quant": "gptq",
