@@ -5,7 +5,8 @@
 Times :func:`femtocc.passes.recover.distil` itself (features, teacher targets from the cache,
 forward, backward, AdamW, masks: a whole step) on tiny.en over packed windows of real training
 speech, ``--steps`` steps after one warm-up step, for: torch threads 2 and 1, a batch of 2 windows,
-bf16 autocast, ``torch.compile``, and the per-block matching loss (the teacher runs beside the
+bf16 autocast, AdamW's fused kernel against its foreach one, the student's input augmented
+(``--augment``), ``torch.compile``, and the per-block matching loss (the teacher runs beside the
 student). Each variant is reported as seconds per window and as seconds of speech learned from
 per second of training, with its ratio to the plain fp32 batch-1 loop.
 """
@@ -22,11 +23,13 @@ from pathlib import Path
 
 from common import write_result
 
-VARIANTS = {  # name: (torch threads, config changes)
+VARIANTS = {  # name: (torch threads, config changes); AdamW is fused unless a variant says otherwise
     "fp32, 2 threads": (2, {}),
     "fp32, 1 thread": (1, {}),
     "batch 2": (2, {"batch": 2}),
     "bf16 autocast": (2, {"precision": "bf16"}),
+    "bf16, foreach AdamW": (2, {"precision": "bf16", "fused": False}),
+    "bf16, augmented": (2, {"precision": "bf16", "augment": "gain=6,snr=20:40,freq=2x15,time=4x50"}),
     "bf16, batch 2": (2, {"precision": "bf16", "batch": 2}),
     "bf16, block matching": (2, {"precision": "bf16", "block_weight": 1.0}),
     "torch.compile": (2, {"compile": True}),
@@ -40,7 +43,7 @@ def main() -> int:
     from femtocc.data import load_dataset
     from femtocc.frontend.whisper import load_whisper
     from femtocc.passes.recover import RecoverConfig, distil
-    from femtocc.train_data import pack, teacher_targets
+    from femtocc.train_data import Augment, pack, teacher_targets
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", default="../shared/data/speech/train")
@@ -59,7 +62,8 @@ def main() -> int:
             if args.only and name not in args.only.split(";"):
                 continue
             torch.set_num_threads(threads)
-            cfg = replace(base, **changes)
+            cfg = replace(base, **{key: Augment.parse(value) if key == "augment" else value
+                                   for key, value in changes.items()})
             student = copy.copy(teacher)
             student.model = copy.deepcopy(teacher.model)
             start = time.perf_counter()

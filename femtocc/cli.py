@@ -366,7 +366,7 @@ def _cmd_recover(args) -> int:
     from femtocc.passes.recover import RecoverConfig, check_schedules, recover
     from femtocc.passes.schedule import parse_schedule
     from femtocc.passes.sparsity import parse_pattern
-    from femtocc.train_data import pack, packing_stats, teacher_targets
+    from femtocc.train_data import Augment, pack, packing_stats, teacher_targets
 
     if not (args.schedule and args.train):
         raise FemtoccError("recovery training needs both --schedule and --train")
@@ -396,9 +396,12 @@ def _cmd_recover(args) -> int:
         raise FemtoccError("--kl-weight, --hidden-weight and --block-weight must be >= 0")
     if args.context > 30:
         raise FemtoccError(f"--context {args.context}: Whisper's window is 30 s; give 1 to 30")
+    if args.window is not None and args.window > args.context:
+        raise FemtoccError(f"--window {args.window}: a window must fit the student's context (--context {args.context})")
     if args.context < 30 and args.block_weight:
         raise FemtoccError(f"--context {args.context}: a shorter context than 30 s matches the encoder output only; "
                            "give --block-weight 0")
+    augment = Augment.parse(args.augment) if args.augment else None
     if args.keep == "best" and args.val_limit == 0:
         raise FemtoccError("--keep best chooses by the held-back WER; it needs --val-limit above 0")
     rank, world, device = distributed.init_from_env(args.device)
@@ -416,21 +419,23 @@ def _cmd_recover(args) -> int:
         raise FemtoccError(f"{args.model} and its teacher {teacher_name} have different vocabularies; distil the "
                            "full-vocabulary model, then restrict it (--vocabulary-from)")
     talk = not args.quiet and rank == 0
-    if args.context < 30:
+    window = args.window or args.context
+    if window < 30:
         from femtocc.train_data import duration_s
 
-        fits = [u for u in train if duration_s(u) <= args.context]
+        option = f"--window {window}" if args.window else f"--context {window}"
+        fits = [u for u in train if duration_s(u) <= window]
         if not fits:
-            raise FemtoccError(f"--context {args.context}: no clip of {args.train} is that short")
+            raise FemtoccError(f"{option}: no clip of {args.train} is that short")
         if talk:
-            print(f"--context {args.context}: {len(fits)} of {len(train)} training clips fit; the others are left out")
+            print(f"{option}: {len(fits)} of {len(train)} training clips fit; the others are left out")
         train = fits
-    windows = pack(train, seed=args.seed, window_s=args.context)
+    windows = pack(train, seed=args.seed, window_s=window)
     targets = teacher_targets(teacher, windows, k=args.top_k, hidden=args.hidden_weight > 0, progress=talk)
     cfg = RecoverConfig(sparsities, args.pattern, args.steps_per_stage, args.final_steps, args.batch, args.lr,
                         args.warmup, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
                         block_weight=args.block_weight, precision=args.precision, seed=args.seed, layers=layers,
-                        groups=groups, context_s=args.context)
+                        groups=groups, context_s=args.context, augment=augment)
     work = out.with_name(out.name + ".recovery")
     student, report = recover(teacher, cfg, windows, targets, calib, work, resume=args.resume, progress=talk,
                               val=val, device=device, student=bundle)
@@ -449,6 +454,7 @@ def _cmd_recover(args) -> int:
                    "group_schedules": [text for text in args.schedule if "@" in text],
                    **({"plan": str(args.plan), "pattern": args.pattern} if args.plan else {}),
                    "data": {"train": str(args.train), **packing_stats(windows, args.context), "context_s": args.context,
+                            "window_s": window,
                             "calibration": str(args.calib),
                             "calibration_utterances": len(calib), "validation": str(args.val),
                             "validation_utterances": len(val), "validation_split": "calib"},
@@ -733,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the student's encoder context in seconds, the bucket it will run in (compile --buckets S,30): "
                         "windows are packed to S seconds, the student encodes only them, the teacher the full 30-s "
                         "window; training clips longer than S are left out (default 30)")
+    r.add_argument("--augment", metavar="SPEC", default=None,
+                   help="augment the student's input afresh every step, the targets staying the teacher's on the clean "
+                        "window: gain=DB, snr=LO:HI (white noise), freq=NxW and time=NxW (SpecAugment masks: N masks "
+                        "up to W mel bands / 10-ms frames), e.g. gain=6,snr=15:35,freq=2x12,time=2x40")
+    r.add_argument("--window", type=positive_int, default=None, metavar="S",
+                   help="pack training clips into windows of at most S seconds, the rest of the context silence as "
+                        "when one utterance is transcribed; clips longer than S are left out (default: the context)")
     r.add_argument("--top-k", type=positive_int, default=16, help="teacher log-probs kept per position (default 16)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue from the last stage saved in OUT.recovery/")

@@ -42,11 +42,40 @@ TARGETS_VERSION = 1
 
 @dataclass(frozen=True)
 class Augment:
-    """Seeded augmentation of a window's audio; every field at its default leaves it as it is."""
+    """Seeded augmentation of a window's audio and, SpecAugment-style, of its log-mel features;
+    every field at its default leaves it as it is."""
 
     speed: tuple[float, ...] = (1.0,)  # one factor drawn per window (resampled: pitch and tempo change)
     gain_db: float = 0.0  # gain drawn uniformly in [-gain_db, +gain_db]
     snr_db: tuple[float, float] | None = None  # white noise at an SNR drawn uniformly in this range
+    # (count, widest): mel bands / 10-ms feature frames set to zero, each up to `widest` wide. The
+    # teacher never sees masked features, so they stay out of repr (and so out of targets_key)
+    freq_masks: tuple[int, int] = field(default=(0, 0), repr=False)
+    time_masks: tuple[int, int] = field(default=(0, 0), repr=False)
+
+    @classmethod
+    def parse(cls, text: str, option: str = "--augment") -> "Augment":
+        """``gain=DB,snr=LO:HI,freq=NxW,time=NxW`` (any subset), e.g. ``gain=6,snr=15:35,freq=2x12,time=2x40``."""
+        fields: dict = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, value = item.partition("=")
+            try:
+                if key == "gain":
+                    fields["gain_db"] = float(value)
+                    ok = fields["gain_db"] >= 0
+                elif key == "snr":
+                    lo, hi = (float(x) for x in value.split(":"))
+                    fields["snr_db"], ok = (lo, hi), lo <= hi
+                elif key in ("freq", "time"):
+                    count, widest = (int(x) for x in value.split("x"))
+                    fields[f"{key}_masks"], ok = (count, widest), count >= 0 and widest >= 1
+                else:
+                    raise FemtoccError(f"{option}: unknown key {key!r} in {item!r}; give gain, snr, freq or time")
+            except ValueError:
+                ok = False
+            if not ok:
+                raise FemtoccError(f"{option}: cannot read {item!r}; e.g. gain=6, snr=15:35, freq=2x12, time=2x40")
+        return cls(**fields)
 
     def apply(self, audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         factor = float(rng.choice(self.speed))
@@ -66,9 +95,31 @@ class Augment:
             audio = (audio + noise).astype(np.float32)
         return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
+    def mask(self, features: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``features`` [..., mels, frames] with the frequency and time masks drawn from ``rng``
+        (a copy; zero is the normalised log-mel's middle)."""
+        out = features.copy()
+        for (count, widest), axis in ((self.freq_masks, -2), (self.time_masks, -1)):
+            size = out.shape[axis]
+            for _ in range(count):
+                width = int(rng.integers(0, min(widest, size) + 1))
+                start = int(rng.integers(0, size - width + 1))
+                index = [slice(None)] * out.ndim
+                index[axis] = slice(start, start + width)
+                out[tuple(index)] = 0.0
+        return out
+
     @property
     def active(self) -> bool:
+        return self.waveform or self.masks
+
+    @property
+    def waveform(self) -> bool:
         return self.speed != (1.0,) or bool(self.gain_db) or self.snr_db is not None
+
+    @property
+    def masks(self) -> bool:
+        return self.freq_masks[0] > 0 or self.time_masks[0] > 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +144,7 @@ class Window:
             parts += [gap] if i else []
             parts.append(u.audio())
         audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        if self.augment.active:
+        if self.augment.waveform:
             audio = self.augment.apply(audio, np.random.default_rng([self.seed, self.index]))
         return audio[: int(WINDOW_S * SAMPLE_RATE)]
 

@@ -13,7 +13,9 @@ Stages follow a schedule (:mod:`femtocc.passes.schedule`). In each stage:
    ``block_weight`` times the same normalised error averaged over every encoder and decoder
    block's output (SquareHead-style; the teacher runs beside the student for it). AdamW, a linear
    warm-up over ``warmup`` steps then cosine decay to zero, gradients clipped to norm ``clip``;
-   every pruned weight is multiplied by its mask after every step;
+   every pruned weight is multiplied by its mask after every step. ``augment`` draws gain, noise
+   and SpecAugment masks afresh for the student's input at every step, while the targets stay the
+   teacher's on the clean window (speed perturbation would move the frames the targets align with);
 4. optionally the student's WER and agreement on held-back utterances (``val``).
 
 ``precision="bf16"`` runs forward and backward under ``torch.autocast`` (weights, optimizer state
@@ -47,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from femtocc.errors import FemtoccError
+from femtocc.train_data import Augment
 
 
 @dataclass
@@ -69,6 +72,8 @@ class RecoverConfig:
     layers: str | None = None  # prune only layers whose module path matches
     groups: list = field(default_factory=list)  # [(regex, sparsities)]: these layers follow their own schedule
     context_s: int = 30  # the student's encoder context (a bucket, femtocc.frontend.onnx_export); the teacher's is 30
+    augment: Augment | None = None  # the student's input only, drawn afresh every step (femtocc.train_data)
+    fused: bool = True  # AdamW's fused kernel: one pass over the parameters (benchmarks/train_speed.py)
 
 
 def _student_module(model, frames: int | None):
@@ -166,13 +171,16 @@ def relative_mse(student, teacher, valid=None):
     return (((student - teacher) ** 2) * w).sum() / ((teacher**2) * w).sum()
 
 
-def make_batch(windows, targets: Path, teacher, device="cpu", frames: int | None = None) -> dict:
+def make_batch(windows, targets: Path, teacher, device="cpu", frames: int | None = None, augment=None,
+               rng: np.random.Generator | None = None, clean: bool = False) -> dict:
     """``features`` [B, 80, 3000], teacher-forced decoder input ``ids`` [B, L] (prompt and the
     teacher's transcript, right-padded with end of text), ``valid`` [B, L] (1 where a position
     has a target), and the teacher's ``topk_ids``, ``topk_logp`` [B, L, k] and ``encoder`` output
     (None when the targets have none). ``frames``: the student's shorter context; the features are
     cut to ``2 * frames`` mel frames and the teacher's encoder output (of the full window) to its
-    first ``frames``."""
+    first ``frames``. ``augment`` (:class:`femtocc.train_data.Augment`, drawn from ``rng``) changes
+    the student's ``features`` only; the targets are the teacher's on the clean window, whose
+    features are, with ``clean`` (for a teacher running beside the student), ``teacher_features``."""
     import torch
 
     from femtocc.train_data import load_targets
@@ -191,14 +199,24 @@ def make_batch(windows, targets: Path, teacher, device="cpu", frames: int | None
         valid[b, : len(seq)] = 1
         top_ids[b, : len(seq)] = torch.from_numpy(t["topk_ids"].astype(np.int64))
         top_logp[b, : len(seq)] = torch.from_numpy(t["topk_logp"].astype(np.float32))
-    feats = np.concatenate([teacher.features(w.audio()) for w in windows])
+    audio = [w.audio() for w in windows]
+    augmented = augment is not None and augment.active
+    student_audio = [augment.apply(a, rng) for a in audio] if augmented and augment.waveform else audio
+    feats = np.concatenate([teacher.features(a) for a in student_audio])
+    teacher_feats = None
+    if augmented and clean:
+        teacher_feats = feats if student_audio is audio else np.concatenate([teacher.features(a) for a in audio])
+    if augmented and augment.masks:
+        feats = augment.mask(feats, rng)  # a copy: teacher_feats stays clean
     enc = (torch.from_numpy(np.stack([t["encoder"] for t in loaded]).astype(np.float32)).to(device)
            if all("encoder" in t for t in loaded) else None)
     if frames is not None:
         feats = np.ascontiguousarray(feats[:, :, : 2 * frames])
+        teacher_feats = np.ascontiguousarray(teacher_feats[:, :, : 2 * frames]) if teacher_feats is not None else None
         enc = enc[:, :frames].contiguous() if enc is not None else None
     return {"features": torch.from_numpy(feats).to(device), "ids": ids.to(device), "valid": valid.to(device),
-            "topk_ids": top_ids.to(device), "topk_logp": top_logp.to(device), "encoder": enc}
+            "topk_ids": top_ids.to(device), "topk_logp": top_logp.to(device), "encoder": enc,
+            "teacher_features": torch.from_numpy(teacher_feats).to(device) if teacher_feats is not None else None}
 
 
 def batch_loss(net, teacher_model, batch: dict, cfg: RecoverConfig, autocast=None):
@@ -217,7 +235,9 @@ def batch_loss(net, teacher_model, batch: dict, cfg: RecoverConfig, autocast=Non
         loss = loss + cfg.hidden_weight * relative_mse(out.encoder_last_hidden_state, batch["encoder"])
     if cfg.block_weight:
         with torch.no_grad(), autocast:
-            ref = teacher_model(input_features=batch["features"], decoder_input_ids=batch["ids"],
+            clean = batch.get("teacher_features")
+            ref = teacher_model(input_features=batch["features"] if clean is None else clean,
+                                decoder_input_ids=batch["ids"],
                                 output_hidden_states=True)
         pairs = [(s, t, None) for s, t in zip(out.encoder_hidden_states[1:], ref.encoder_hidden_states[1:])]
         pairs += [(s, t, batch["valid"]) for s, t in zip(out.decoder_hidden_states[1:], ref.decoder_hidden_states[1:])]
@@ -259,7 +279,7 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     teacher_model = teacher.model.to(device) if cfg.block_weight else None
     layers = prunable_layers(model)
     masks = {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in layers.items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
     order = np.random.default_rng([cfg.seed, stage, rank]).permutation(len(shard))
     sparsity = sparsity_of(layers)
     losses, start = [], time.perf_counter()
@@ -267,7 +287,8 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     try:
         for step in bar(range(steps), f"stage {stage} distillation", "step", enabled=progress):
             chosen = [shard[int(order[(step * cfg.batch + j) % len(shard)])] for j in range(cfg.batch)]
-            batch = make_batch(chosen, targets, teacher, device, frames)
+            batch = make_batch(chosen, targets, teacher, device, frames, cfg.augment,
+                               np.random.default_rng([cfg.seed, stage, rank, step]), clean=bool(cfg.block_weight))
             loss = batch_loss(net, teacher_model, batch, cfg, autocast)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps, cfg)
@@ -323,6 +344,9 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
     from femtocc.passes.prune import PruneConfig, prune_model, weights_digest
 
     check_schedules(cfg)
+    if cfg.augment is not None and cfg.augment.speed != (1.0,):
+        raise FemtoccError("the student's augmentation cannot change speed: the teacher's targets align with the "
+                           "clean window's frames (pack the windows with speed perturbation instead)")
     if not 1 <= cfg.context_s <= 30 or (cfg.context_s < 30 and cfg.block_weight):
         raise FemtoccError(f"--context {cfg.context_s}: give whole seconds from 1 to 30; a shorter context than 30 "
                            "matches the encoder output only (--block-weight 0)")

@@ -9,7 +9,7 @@ import pytest
 from femtocc.errors import FemtoccError
 from femtocc.passes.prune import weights_digest
 from femtocc.passes.recover import RecoverConfig, recover
-from femtocc.train_data import pack, teacher_targets
+from femtocc.train_data import Augment, pack, teacher_targets
 from test_train_data import TRAIN as TRAIN_DIR
 from test_train_data import train_utts  # noqa: F401  (fixture)
 
@@ -125,9 +125,12 @@ def test_prune_with_a_schedule_on_training_speech(tmp_path, dev_data, capsys):
     more = tmp_path / "rec80"
     assert main(["prune", str(out), "--schedule", "linear:0.7:0.8:1", "--train", str(TRAIN_DIR), "--train-limit", "4",
                  "--steps-per-stage", "1", "--warmup", "1", "--layers", LAYERS, "--top-k", "8", "--val-limit", "0",
+                 "--window", "12", "--augment", "gain=3,freq=1x5",
                  "--calib", str(dev_data), "--calib-limit", "2", "-o", str(more), "--quiet"]) == 0
     report = json.loads((more / "train-report.json").read_text())
     assert report["teacher"] == "whisper-tiny.en" and report["start"] == str(out)
+    assert report["data"]["window_s"] == 12 and report["data"]["context_s"] == 30
+    assert report["data"]["speech_s_per_window"] <= 12 and report["config"]["augment"]["freq_masks"] == [1, 5]
     w80 = weights(load_whisper(str(more)))
     assert (w80["encoder.layers.0.fc1"] == 0).mean() == pytest.approx(0.8, abs=0.01)
     assert not np.any((w["encoder.layers.0.fc1"] == 0) & (w80["encoder.layers.0.fc1"] != 0))
@@ -180,6 +183,10 @@ def test_a_student_for_a_short_context_bucket(tmp_path, dev_data, tiny):
     (["--schedule", "cubic:0:0.5:3", "--train", "BADAUDIO"], "bad.flac: cannot read"),
     (["--schedule", "cubic:0:0.5:3", "--context", "40"], "--context 40"),
     (["--schedule", "cubic:0:0.5:3", "--context", "10", "--block-weight", "1"], "--block-weight 0"),
+    (["--schedule", "cubic:0:0.5:3", "--augment", "snr=40"], "--augment: cannot read 'snr=40'"),
+    (["--schedule", "cubic:0:0.5:3", "--context", "10", "--window", "20"], "--window 20: a window must fit"),
+    (["--schedule", "cubic:0:0.5:3", "--window", "1"], "--window 1: no clip of"),
+    (["--schedule", "cubic:0:0.5:3", "--augment", "speed=0.9"], "--augment: unknown key 'speed'"),
 ])
 def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_data):
     from femtocc.cli import main
@@ -250,6 +257,34 @@ def test_a_padded_batch_aligns_every_windows_targets(run, tiny, train_utts):  # 
         assert float(batch_loss(tiny.model, None, shifted, RecoverConfig([0.5], hidden_weight=0.0))) > 1.0
 
 
+def test_augmentation_changes_the_students_input_only(run, tiny, train_utts):  # noqa: F811
+    """--augment: the student's features are the window's with gain, noise and masks drawn from
+    the step's seed; the targets and the teacher's features stay those of the clean window."""
+    import torch
+
+    from femtocc.passes.recover import batch_loss, make_batch
+
+    windows = pack(train_utts[10:30], seed=0)[:2]
+    targets = teacher_targets(tiny, windows, k=8, hidden=True, folder=run[0] / "batch-targets")
+    clean = make_batch(windows, targets, tiny)
+    assert clean["teacher_features"] is None  # the teacher reads the student's features
+    augment = Augment.parse("gain=6,snr=20:30,freq=2x10,time=2x40")
+
+    def draw(seed):
+        return make_batch(windows, targets, tiny, augment=augment, rng=np.random.default_rng(seed), clean=True)
+
+    batch, again, other = draw(1), draw(1), draw(2)
+    assert torch.equal(batch["features"], again["features"]) and not torch.equal(batch["features"], other["features"])
+    assert not torch.equal(batch["features"], clean["features"])
+    assert torch.equal(batch["teacher_features"], clean["features"])
+    for key in ("ids", "valid", "topk_ids", "topk_logp", "encoder"):
+        assert torch.equal(batch[key], clean[key]), key
+    with torch.no_grad():  # the teacher as its own student: matching its clean blocks is exact only on clean input
+        cfg = RecoverConfig([0.5], kl_weight=0.0, hidden_weight=0.0, block_weight=1.0)
+        assert float(batch_loss(tiny.model, tiny.model, {**batch, "features": batch["teacher_features"]}, cfg)) < 2e-3
+        assert float(batch_loss(tiny.model, tiny.model, batch, cfg)) > 1e-2
+
+
 def test_layer_groups_follow_their_own_schedule(tiny):
     from femtocc.passes.calibrate import prunable_layers
     from femtocc.passes.recover import stage_targets
@@ -264,6 +299,8 @@ def test_layer_groups_follow_their_own_schedule(tiny):
         stage_targets(tiny.model, RecoverConfig([0.2], groups=[("^nothing", [0.5])]), 0)
     with pytest.raises(FemtoccError, match="same number of stages"):
         recover(tiny, RecoverConfig([0.2, 0.5], groups=[("^encoder", [0.9])]), [], None, [], Path("unused"))
+    with pytest.raises(FemtoccError, match="cannot change speed"):
+        recover(tiny, RecoverConfig([0.2], augment=Augment(speed=(0.9, 1.1))), [], None, [], Path("unused"))
 
 
 def _plan_file(tmp_path, layers: dict) -> Path:

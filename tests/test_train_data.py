@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from femtocc.data import SAMPLE_RATE, load_dataset
-from femtocc.train_data import Augment, load_targets, pack, packing_stats, teacher_targets
+from femtocc.data import SAMPLE_RATE, Utterance, load_dataset
+from femtocc.train_data import Augment, Window, load_targets, pack, packing_stats, teacher_targets
 
 TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "train"
 
@@ -54,6 +54,33 @@ def test_window_audio_is_the_utterances_with_gaps_and_augmentation_is_seeded(tra
     ratio = len(a) / len(replace(windows[0], augment=Augment()).audio())  # speed 0.9 lengthens, 1.1 shortens
     assert min(abs(ratio - 1 / 0.9), abs(ratio - 1 / 1.1)) < 0.01, ratio
     assert not np.array_equal(windows[1].audio()[:1000], replace(windows[1], augment=Augment()).audio()[:1000])
+
+
+def test_augment_spec_and_seeded_masks():
+    from femtocc.errors import FemtoccError
+    from femtocc.train_data import targets_key
+
+    aug = Augment.parse("gain=6, snr=15:35,freq=2x12,time=3x40")
+    assert (aug.gain_db, aug.snr_db, aug.freq_masks, aug.time_masks) == (6.0, (15.0, 35.0), (2, 12), (3, 40))
+    assert aug.waveform and aug.masks and not Augment.parse("freq=1x5").waveform and not Augment().active
+    for bad in ("gain=-1", "snr=30:10", "freq=2", "time=0x0", "gain", "pitch=2"):
+        with pytest.raises(FemtoccError, match="--augment"):
+            Augment.parse(bad)
+    feats = np.ones((1, 80, 3000), np.float32)
+    a, b = (aug.mask(feats, np.random.default_rng(7)) for _ in range(2))
+    assert np.array_equal(a, b) and feats.min() == 1.0  # seeded, and a copy
+    zero_bands, zero_frames = (a == 0).all(axis=2)[0], (a == 0).all(axis=1)[0]
+    assert 0 < zero_bands.sum() <= 24 and 0 < zero_frames.sum() <= 120
+    assert ((a == 0) == (zero_bands[:, None] | zero_frames[None, :])).all()  # whole bands and frames only
+
+    class Teacher:
+        source_digest = "d"
+
+    # masks never reach the teacher, so they leave its cached targets' key as it was
+    utt = Utterance("u", Path(__file__), "", "s")
+    window = Window(0, (utt,), (1.0,))
+    assert targets_key(Teacher, [window], 8, True) == targets_key(
+        Teacher, [replace(window, augment=Augment(freq_masks=(2, 9)))], 8, True)
 
 
 def test_teacher_targets_align_with_their_tokens_and_are_cached(train_utts, tiny, tmp_path):
