@@ -378,13 +378,14 @@ def _cmd_recover(args) -> int:
                            f"got {len(plain)}")
     sparsities = parse_schedule(plain[0])
     groups = [(text.split("@", 1)[1], parse_schedule(text.split("@", 1)[0])) for text in args.schedule if "@" in text]
-    layers = args.layers
+    layers, table = args.layers, args.include_embeddings
     if args.plan:
         if groups or args.layers:
             raise FemtoccError("--plan gives every layer its own sparsity; leave out @REGEX schedules and --layers")
         from femtocc.passes.plan import plan_schedules
 
-        groups, layers, args.pattern = plan_schedules(args.plan, sparsities)
+        groups, layers, args.pattern, planned_table = plan_schedules(args.plan, sparsities)
+        table = table or planned_table
     check_schedules(RecoverConfig(sparsities, groups=groups))
     fixed = parse_pattern(args.pattern).fixed_sparsity
     if fixed is not None and any(x != fixed for x in [*sparsities, *(x for _, g in groups for x in g)]):
@@ -435,7 +436,7 @@ def _cmd_recover(args) -> int:
     cfg = RecoverConfig(sparsities, args.pattern, args.steps_per_stage, args.final_steps, args.batch, args.lr,
                         args.warmup, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
                         block_weight=args.block_weight, precision=args.precision, seed=args.seed, layers=layers,
-                        groups=groups, context_s=args.context, augment=augment)
+                        groups=groups, context_s=args.context, augment=augment, include_embeddings=table)
     work = out.with_name(out.name + ".recovery")
     student, report = recover(teacher, cfg, windows, targets, calib, work, resume=args.resume, progress=talk,
                               val=val, device=device, student=bundle)
@@ -700,7 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report each layer's error on held-out calibration speakers (every other speaker), "
                         "pruned without them: shows how far the calibration error generalises")
     p.add_argument("--layers", default=None, metavar="REGEX", help="prune only layers whose module path matches")
-    p.add_argument("--include-embeddings", action="store_true", help="also prune the output projection (tied embedding)")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="also prune the output projection (tied embedding); with --schedule it is pruned and "
+                        "recovered like the other layers (--layers '^proj_out$' for the table alone)")
     p.add_argument("--vocabulary-from", default=None, metavar="DIR",
                    help="keep only the output tokens the model writes on this speech folder (its own transcripts of "
                         "the packed 30-s windows, cached like recovery training's teacher targets); with --sparsity 0 "

@@ -198,25 +198,22 @@ def still_to_prune(model, per_layer: dict[str, float], slack: float = 0.005) -> 
             if n not in layers or float((layers[n].weight == 0).float().mean()) < s - slack}
 
 
-def plan_schedules(path, sparsities: list[float]) -> tuple[list, str, str]:
+def plan_schedules(path, sparsities: list[float]) -> tuple[list, str, str, bool]:
     """``prune --plan PLAN --schedule S``: every layer the plan names follows the schedule's shape to its
     own planned sparsity (stage ``i`` prunes layer ``n`` to ``planned[n] * S[i] / S[-1]``); the layers
     it does not name stay dense. Returns (the per-layer schedules, a regex of the planned layers, the
-    plan's pattern)."""
+    plan's pattern, whether it prunes the token table ``proj_out``)."""
     import re
 
     plan = read_plan(path)
     if sparsities[-1] <= 0:
         raise FemtoccError("--plan with --schedule: the schedule's final sparsity must be above 0 (it gives the "
                            "shape; each layer ends at its planned sparsity)")
-    if "proj_out" in plan["layers"] or "decoder.embed_tokens" in plan["layers"]:
-        raise FemtoccError(f"--plan {path} prunes the token table, which recovery training does not prune; plan "
-                           "--scope encoder, or prune that plan in one shot")
     planned = {n: v["sparsity"] for n, v in plan["layers"].items() if v["sparsity"] > 0}
     if not planned:
         raise FemtoccError(f"--plan {path}: no layer is pruned")
     groups = [(f"^{re.escape(n)}$", [round(p * x / sparsities[-1], 6) for x in sparsities]) for n, p in planned.items()]
-    return groups, "^(" + "|".join(re.escape(n) for n in planned) + ")$", plan["pattern"]
+    return groups, "^(" + "|".join(re.escape(n) for n in planned) + ")$", plan["pattern"], "proj_out" in planned
 
 
 def read_plan(path, option: str = "--plan") -> dict:

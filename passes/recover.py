@@ -3,19 +3,21 @@
 Stages follow a schedule (:mod:`femtocc.passes.schedule`). In each stage:
 
 1. the Hessians of the *current* student are collected on calibration clips;
-2. OBS with its refit prunes every layer to the stage's sparsity, every zero already made chosen
-   first (``PruneConfig.keep_zeros``): masks only grow. Without it, OBS after a round of
-   distillation revived 163 and 860 of 177 K zeros in two tiny.en layers;
-3. ``steps`` distillation steps, each over ``batch`` packed windows (:mod:`femtocc.train_data`) in
-   a seeded order. The loss is ``kl_weight`` times the KL divergence from the teacher's top-k
+2. OBS with its refit prunes every layer (the token table too with ``include_embeddings``) to the
+   stage's sparsity, every zero already made chosen first (``PruneConfig.keep_zeros``): masks only
+   grow. Without it, OBS after a round of distillation revived 163 and 860 of 177 K zeros in two
+   tiny.en layers;
+3. ``steps`` distillation steps, each over ``batch`` packed windows (:mod:`femtocc.train_data`) in a
+   seeded order. The loss is ``kl_weight`` times the KL divergence from the teacher's top-k
    distribution at every position of its transcript (teacher-forced), plus ``hidden_weight`` times
-   the encoder output's squared error relative to the teacher's mean square, plus
-   ``block_weight`` times the same normalised error averaged over every encoder and decoder
-   block's output (SquareHead-style; the teacher runs beside the student for it). AdamW, a linear
-   warm-up over ``warmup`` steps then cosine decay to zero, gradients clipped to norm ``clip``;
-   every pruned weight is multiplied by its mask after every step. ``augment`` draws gain, noise
-   and SpecAugment masks afresh for the student's input at every step, while the targets stay the
-   teacher's on the clean window (speed perturbation would move the frames the targets align with);
+   the encoder output's squared error relative to the teacher's mean square, plus ``block_weight``
+   times the same normalised error averaged over every encoder and decoder block's output
+   (SquareHead-style; the teacher runs beside the student for it). AdamW, a linear warm-up over
+   ``warmup`` steps then cosine decay to zero, gradients clipped to norm ``clip``; every pruned
+   weight (a token table pruned before included) is multiplied by its mask after every step.
+   ``augment`` draws gain, noise and SpecAugment masks afresh for the student's input at every step,
+   while the targets stay the teacher's on the clean window (speed perturbation would move the
+   frames the targets align with);
 4. optionally the student's WER and agreement on held-back utterances (``val``).
 
 ``precision="bf16"`` runs forward and backward under ``torch.autocast`` (weights, optimizer state
@@ -74,6 +76,7 @@ class RecoverConfig:
     context_s: int = 30  # the student's encoder context (a bucket, femtocc.frontend.onnx_export); the teacher's is 30
     augment: Augment | None = None  # the student's input only, drawn afresh every step (femtocc.train_data)
     fused: bool = True  # AdamW's fused kernel: one pass over the parameters (benchmarks/train_speed.py)
+    include_embeddings: bool = False  # the token table (proj_out, tied to the embedding) is pruned too
 
 
 def _student_module(model, frames: int | None):
@@ -101,16 +104,18 @@ def _student_module(model, frames: int | None):
 def stage_targets(model, cfg: RecoverConfig, stage: int) -> dict[float, list[str]]:
     """Stage ``stage``'s sparsity -> the layers pruned to it: a layer follows the first of
     ``cfg.groups`` whose regex it matches, else the main schedule (if ``cfg.layers`` admits it). A
-    regex that matches no prunable layer at all is an error."""
+    regex that matches no prunable layer at all is an error. The token table is a prunable layer
+    only with ``cfg.include_embeddings``."""
     from femtocc.passes.calibrate import prunable_layers
 
-    every = list(prunable_layers(model))
+    every = list(prunable_layers(model, cfg.include_embeddings))
     names = list(every)
     out: dict[float, list[str]] = {}
     for regex, sparsities in [*cfg.groups, (cfg.layers, cfg.sparsities)]:
         rx = re.compile(regex) if regex else None
         if regex is not None and not any(rx.search(n) for n in every):
-            raise FemtoccError(f"{regex!r} matches no prunable layer")
+            hint = "" if cfg.include_embeddings else " (the token table proj_out only with --include-embeddings)"
+            raise FemtoccError(f"{regex!r} matches no prunable layer{hint}")
         chosen = [n for n in names if rx is None or rx.search(n)]
         names = [n for n in names if n not in chosen]
         if chosen:
@@ -277,11 +282,12 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     teacher_model = teacher.model.to(device) if cfg.block_weight else None
-    layers = prunable_layers(model)
-    masks = {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in layers.items()}
+    # every zero stays zero, the token table's too when an earlier pruning made them (--include-embeddings)
+    masked = prunable_layers(model, include_embeddings=True)
+    masks = {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in masked.items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
     order = np.random.default_rng([cfg.seed, stage, rank]).permutation(len(shard))
-    sparsity = sparsity_of(layers)
+    sparsity = sparsity_of(prunable_layers(model, cfg.include_embeddings))
     losses, start = [], time.perf_counter()
     model.train()
     try:
@@ -297,7 +303,7 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             with torch.no_grad():
-                for n, m in layers.items():
+                for n, m in masked.items():
                     m.weight.mul_(masks[n])
             losses.append(distributed.mean(float(loss.detach())))
             if log is not None and ((step + 1) % LOG_EVERY == 0 or step + 1 == steps):
@@ -380,13 +386,14 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
         if i < len(cfg.sparsities):  # a pruning stage (the last, optional, only fine-tunes)
             if rank == 0:
                 targets_of = {s: n for s, n in stage_targets(student.model, cfg, i).items() if s > 0}  # 0: distil only
-                every = prunable_layers(student.model)
+                every = prunable_layers(student.model, cfg.include_embeddings)
                 chosen = {n: every[n] for names in targets_of.values() for n in names}
                 hessians = (collect_hessians(student, calib, chosen, progress, dense_tokens=dense_transcripts(teacher, calib))
                             if chosen else None)
                 for s, names in targets_of.items():
                     exact = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-                    prune = PruneConfig("obs", s, cfg.pattern, layers=exact, keep_zeros=True)
+                    prune = PruneConfig("obs", s, cfg.pattern, layers=exact, keep_zeros=True,
+                                        include_embeddings=cfg.include_embeddings)
                     student, _ = prune_model(student, prune, calib, progress, hessians=hessians)
             elif i == first:  # rank 0 pruned a copy; the others take its weights into theirs
                 student = copy.copy(student)
@@ -395,7 +402,7 @@ def recover(teacher, cfg: RecoverConfig, windows, targets: Path, calib, out: Pat
         losses = distil(student, teacher, windows, targets, steps, cfg, i, device, progress,
                         out / "log.jsonl" if rank == 0 else None) if steps else []
         entry = {"event": "stage", "stage": i, "target_sparsity": sparsity,
-                 "sparsity": sparsity_of(prunable_layers(student.model)), "steps": steps,
+                 "sparsity": sparsity_of(prunable_layers(student.model, cfg.include_embeddings)), "steps": steps,
                  "windows_per_step": cfg.batch * world,
                  "loss_first": _mean_loss(losses[: max(1, len(losses) // 10)]),
                  "loss_last": _mean_loss(losses[-max(1, len(losses) // 10):])}

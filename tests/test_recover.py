@@ -303,6 +303,33 @@ def test_layer_groups_follow_their_own_schedule(tiny):
         recover(tiny, RecoverConfig([0.2], augment=Augment(speed=(0.9, 1.1))), [], None, [], Path("unused"))
 
 
+def test_the_token_table_is_pruned_on_request_and_its_zeros_stay(run, tiny):
+    """With include_embeddings a stage prunes the token table (tied: the embedding is the output
+    projection) in its pattern; without it, a table pruned before keeps every zero through
+    distillation, as the other layers do."""
+    from femtocc.passes.calibrate import prunable_layers
+    from femtocc.passes.plan import plan_schedules
+
+    tmp, windows, targets, _, calib, _, _ = run
+    cfg = RecoverConfig([0.3], pattern="pencil8", layers="^proj_out$", steps=2, lr=1e-3, warmup=0,
+                        include_embeddings=True)
+    student, report = recover(tiny, cfg, windows, targets, calib, tmp / "table")
+    table = prunable_layers(student.model, include_embeddings=True)["proj_out"].weight.detach().numpy().copy()
+    assert student.model.model.decoder.embed_tokens.weight is student.model.proj_out.weight
+    assert (table == 0).mean() == pytest.approx(0.3, abs=0.01) and report["stages"][0]["sparsity"] > 0
+    pencils = (table == 0).reshape(-1, 8, table.shape[1])  # [out / 8, 8, in]: whole pencils zero
+    assert np.array_equal(pencils.all(axis=1), pencils.any(axis=1))
+    assert (weights(student)["decoder.layers.0.fc1"] == 0).mean() < 1e-3  # --layers kept the rest dense
+    again, _ = recover(tiny, RecoverConfig([0.0], steps=2, lr=1e-3, warmup=0), windows, targets, calib,
+                       tmp / "table-again", student=student)
+    after = again.model.proj_out.weight.detach().numpy()
+    assert np.all(after[table == 0] == 0) and not np.array_equal(after, table)  # trained, zeros kept
+    with pytest.raises(FemtoccError, match="only with --include-embeddings"):
+        recover(tiny, RecoverConfig([0.3], layers="^proj_out$"), windows, targets, calib, tmp / "unused")
+    plan = _plan_file(tmp, {"proj_out": 0.5, "encoder.layers.0.fc1": 0.25})
+    assert plan_schedules(plan, [0.5])[3]  # a plan that prunes the table recovers it
+
+
 def _plan_file(tmp_path, layers: dict) -> Path:
     from femtocc.passes.plan import PLAN_FORMAT
 
@@ -320,8 +347,8 @@ def test_a_plan_recovered_gradually(tmp_path, dev_data, capsys):
     from femtocc.passes.plan import plan_schedules
 
     plan = _plan_file(tmp_path, {"encoder.layers.0.fc1": 0.5, "encoder.layers.1.fc2": 0.25, "encoder.layers.2.fc1": 0.0})
-    groups, layers, pattern = plan_schedules(plan, [0.3, 0.6])
-    assert pattern == "pencil8" and dict(groups) == {r"^encoder\.layers\.0\.fc1$": [0.25, 0.5],
+    groups, layers, pattern, table = plan_schedules(plan, [0.3, 0.6])
+    assert pattern == "pencil8" and not table and dict(groups) == {r"^encoder\.layers\.0\.fc1$": [0.25, 0.5],
                                                      r"^encoder\.layers\.1\.fc2$": [0.125, 0.25]}
     out = tmp_path / "rec"
     assert main(["prune", "whisper-tiny.en", "--plan", str(plan), "--schedule", "linear:0.3:0.6:2", "--train", str(TRAIN_DIR),
@@ -348,7 +375,6 @@ def test_a_plan_recovered_gradually(tmp_path, dev_data, capsys):
 
 
 @pytest.mark.parametrize("layers, extra, message", [
-    ({"proj_out": 0.5}, [], "prunes the token table"),
     ({"encoder.layers.0.fc1": 0.5}, ["--schedule", "cubic:0:0.5:2@^decoder"], "leave out @REGEX"),
     ({"encoder.layers.0.fc1": 0.5}, ["--layers", "^encoder"], "leave out @REGEX"),
     ({"encoder.layers.0.fc1": 0.0}, [], "no layer is pruned"),
