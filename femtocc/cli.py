@@ -363,7 +363,7 @@ def _cmd_recover(args) -> int:
     from femtocc.cache import atomic_write, check_output_dir
     from femtocc.data import load_dataset, split_by_speaker
     from femtocc.frontend.whisper import load_whisper, save_bundle
-    from femtocc.passes.recover import RecoverConfig, check_schedules, recover
+    from femtocc.passes.recover import RecoverConfig, check_schedules, frozen_parameters, recover
     from femtocc.passes.schedule import parse_schedule
     from femtocc.passes.sparsity import parse_pattern
     from femtocc.train_data import Augment, pack, packing_stats, teacher_targets
@@ -416,6 +416,7 @@ def _cmd_recover(args) -> int:
     bundle = load_whisper(args.model)
     teacher_name = args.teacher or bundle.metadata.get("dense_source") or args.model
     teacher = load_whisper(teacher_name) if teacher_name != args.model else bundle
+    frozen_parameters(bundle.model, args.freeze)  # a bad --freeze fails before the teacher's targets
     if bundle.metadata.get("vocabulary") != teacher.metadata.get("vocabulary"):
         raise FemtoccError(f"{args.model} and its teacher {teacher_name} have different vocabularies; distil the "
                            "full-vocabulary model, then restrict it (--vocabulary-from)")
@@ -436,7 +437,8 @@ def _cmd_recover(args) -> int:
     cfg = RecoverConfig(sparsities, args.pattern, args.steps_per_stage, args.final_steps, args.batch, args.lr,
                         args.warmup, kl_weight=args.kl_weight, hidden_weight=args.hidden_weight,
                         block_weight=args.block_weight, precision=args.precision, seed=args.seed, layers=layers,
-                        groups=groups, context_s=args.context, augment=augment, include_embeddings=table)
+                        groups=groups, context_s=args.context, augment=augment, include_embeddings=table,
+                        freeze=args.freeze)
     work = out.with_name(out.name + ".recovery")
     student, report = recover(teacher, cfg, windows, targets, calib, work, resume=args.resume, progress=talk,
                               val=val, device=device, student=bundle)
@@ -749,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window", type=positive_int, default=None, metavar="S",
                    help="pack training clips into windows of at most S seconds, the rest of the context silence as "
                         "when one utterance is transcribed; clips longer than S are left out (default: the context)")
+    r.add_argument("--freeze", default=None, metavar="REGEX",
+                   help="do not train the parameters whose name matches, e.g. embed_tokens: the token table "
+                        "(tied to the output projection, 20 M of tiny.en's 38 M) stays as it is")
     r.add_argument("--top-k", type=positive_int, default=16, help="teacher log-probs kept per position (default 16)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--resume", action="store_true", help="continue from the last stage saved in OUT.recovery/")

@@ -77,6 +77,7 @@ class RecoverConfig:
     augment: Augment | None = None  # the student's input only, drawn afresh every step (femtocc.train_data)
     fused: bool = True  # AdamW's fused kernel: one pass over the parameters (benchmarks/train_speed.py)
     include_embeddings: bool = False  # the token table (proj_out, tied to the embedding) is pruned too
+    freeze: str | None = None  # parameters whose name matches are not trained (frozen_parameters)
 
 
 def _student_module(model, frames: int | None):
@@ -99,6 +100,22 @@ def _student_module(model, frames: int | None):
             return self.model(encoder_outputs=(enc,), decoder_input_ids=decoder_input_ids)
 
     return Student()
+
+
+def frozen_parameters(model, regex: str | None) -> list:
+    """The parameters of ``model`` whose name (``model.decoder.embed_tokens.weight``; a tied weight
+    under each of its names) matches ``regex``, which distillation leaves as they are. A regex that
+    does not compile or matches no parameter is a one-line error naming ``--freeze``."""
+    if not regex:
+        return []
+    try:
+        rx = re.compile(regex)
+    except re.error as e:
+        raise FemtoccError(f"--freeze {regex!r}: not a regular expression ({e})") from None
+    found = {id(p): p for n, p in model.named_parameters(remove_duplicate=False) if rx.search(n)}
+    if not found:
+        raise FemtoccError(f"--freeze {regex!r} matches no parameter (names such as model.decoder.embed_tokens.weight)")
+    return list(found.values())
 
 
 def stage_targets(model, cfg: RecoverConfig, stage: int) -> dict[float, list[str]]:
@@ -271,12 +288,16 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     from femtocc.frontend.onnx_export import bucket_frames
 
     frames = bucket_frames(model.config, cfg.context_s)  # None: Whisper's full 30-s window
+    frozen = frozen_parameters(model, cfg.freeze)  # before DDP, which hooks the trained ones
+    for p in frozen:
+        p.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
     net = _student_module(model, frames)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device != "cpu" else None,
-                                      broadcast_buffers=False)
+        net = DistributedDataParallel(net, device_ids=[torch.device(device).index] if device != "cpu" else None,
+                                      broadcast_buffers=False)  # the student's context, as on one process
     if cfg.compile:
         net = torch.compile(net)
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.precision == "bf16"
@@ -285,7 +306,7 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     # every zero stays zero, the token table's too when an earlier pruning made them (--include-embeddings)
     masked = prunable_layers(model, include_embeddings=True)
     masks = {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in masked.items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
     order = np.random.default_rng([cfg.seed, stage, rank]).permutation(len(shard))
     sparsity = sparsity_of(prunable_layers(model, cfg.include_embeddings))
     losses, start = [], time.perf_counter()
@@ -300,7 +321,7 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
                 group["lr"] = _lr_at(step, steps, cfg)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
             opt.step()
             with torch.no_grad():
                 for n, m in masked.items():
@@ -313,6 +334,8 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
                 with open(log, "a") as f:
                     f.write(json.dumps(line) + "\n")
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         model.eval()
         model.to("cpu")
         if teacher_model is not None:

@@ -187,6 +187,8 @@ def test_a_student_for_a_short_context_bucket(tmp_path, dev_data, tiny):
     (["--schedule", "cubic:0:0.5:3", "--context", "10", "--window", "20"], "--window 20: a window must fit"),
     (["--schedule", "cubic:0:0.5:3", "--window", "1"], "--window 1: no clip of"),
     (["--schedule", "cubic:0:0.5:3", "--augment", "speed=0.9"], "--augment: unknown key 'speed'"),
+    (["--schedule", "cubic:0:0.5:3", "--freeze", "no_such_parameter"], "--freeze 'no_such_parameter' matches no"),
+    (["--schedule", "cubic:0:0.5:3", "--freeze", "embed_(tokens"], "not a regular expression"),
 ])
 def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_data):
     from femtocc.cli import main
@@ -206,7 +208,8 @@ def test_bad_recovery_input_is_one_line(argv, message, tmp_path, capsys, dev_dat
 
 def test_two_gloo_processes_end_with_identical_weights_and_masks(tmp_path, dev_data):
     """torchrun, two CPU processes, the real CLI: each trains on its shard inside DDP, rank 0 prunes
-    and every rank takes its weights; the trainer gathers every rank's weights digest per stage."""
+    and every rank takes its weights; the trainer gathers every rank's weights digest per stage. The
+    student encodes a 10-s context inside DDP as it does on one process."""
     import os
     import subprocess
     import sys
@@ -218,12 +221,12 @@ def test_two_gloo_processes_end_with_identical_weights_and_masks(tmp_path, dev_d
     cmd = [*torchrun, "-m", "femtocc", "prune", "whisper-tiny.en",
            "--schedule", "linear:0.4:0.7:2", "--train", str(TRAIN_DIR), "--train-limit", "14", "--steps-per-stage", "2",
            "--warmup", "1", "--layers", LAYERS, "--top-k", "8", "--calib", str(dev_data), "--calib-limit", "2",
-           "--val-limit", "2", "-o", str(out), "--quiet"]
+           "--val-limit", "2", "--context", "10", "-o", str(out), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "train-report.json").read_text())
-    assert report["processes"] == 2 and report["data"]["windows"] >= 2
+    assert report["processes"] == 2 and report["data"]["windows"] >= 2 and report["data"]["context_s"] == 10
     for stage in report["stages"]:
         assert len(stage["rank_digests"]) == 2 and len(set(stage["rank_digests"])) == 1
         assert stage["windows_per_step"] == 2 and stage["val"]["utterances"] == 2
@@ -328,6 +331,22 @@ def test_the_token_table_is_pruned_on_request_and_its_zeros_stay(run, tiny):
         recover(tiny, RecoverConfig([0.3], layers="^proj_out$"), windows, targets, calib, tmp / "unused")
     plan = _plan_file(tmp, {"proj_out": 0.5, "encoder.layers.0.fc1": 0.25})
     assert plan_schedules(plan, [0.5])[3]  # a plan that prunes the table recovers it
+
+
+def test_frozen_parameters_stay_as_they_are(run, tiny):
+    """--freeze: the matched parameters (the tied token table under either of its names) are not
+    trained and are trainable again afterwards; the others are trained."""
+    from femtocc.passes.recover import frozen_parameters
+
+    tmp, windows, targets, _, calib, _, _ = run
+    table = tiny.model.proj_out.weight.detach().clone()
+    fc1 = tiny.model.model.decoder.layers[0].fc1.weight.detach().clone()
+    cfg = RecoverConfig([0.0], steps=2, lr=1e-3, warmup=0, freeze="embed_tokens")
+    student, _ = recover(tiny, cfg, windows, targets, calib, tmp / "frozen")
+    assert student.model.proj_out.weight.equal(table) and student.model.proj_out.weight.requires_grad
+    assert not student.model.model.decoder.layers[0].fc1.weight.equal(fc1)
+    assert frozen_parameters(tiny.model, "^proj_out") == frozen_parameters(tiny.model, "embed_tokens")
+    assert len(frozen_parameters(tiny.model, r"decoder\.layers\.0\.fc1\.")) == 2  # weight and bias
 
 
 def _plan_file(tmp_path, layers: dict) -> Path:
