@@ -6,7 +6,7 @@ Times :func:`femtocc.passes.recover.distil` itself (features, teacher targets fr
 forward, backward, AdamW, masks: a whole step) on tiny.en over packed windows of real training
 speech, ``--steps`` steps after one warm-up step, for: torch threads 2 and 1, a batch of 2 windows,
 bf16 autocast, AdamW's fused kernel against its foreach one, the student's input augmented
-(``--augment``), ``torch.compile``, and the per-block matching loss (the teacher runs beside the
+(``--augment``), the token table frozen (``--freeze embed_tokens``), ``torch.compile``, and the per-block matching loss (the teacher runs beside the
 student). Each variant is reported as seconds per window and as seconds of speech learned from
 per second of training, with its ratio to the plain fp32 batch-1 loop.
 """
@@ -30,6 +30,7 @@ VARIANTS = {  # name: (torch threads, config changes); AdamW is fused unless a v
     "bf16 autocast": (2, {"precision": "bf16"}),
     "bf16, foreach AdamW": (2, {"precision": "bf16", "fused": False}),
     "bf16, augmented": (2, {"precision": "bf16", "augment": "gain=6,snr=20:40,freq=2x15,time=4x50"}),
+    "bf16, token table frozen": (2, {"precision": "bf16", "freeze": "embed_tokens"}),
     "bf16, batch 2": (2, {"precision": "bf16", "batch": 2}),
     "bf16, block matching": (2, {"precision": "bf16", "block_weight": 1.0}),
     "torch.compile": (2, {"compile": True}),
