@@ -6,9 +6,10 @@ Times :func:`femtocc.passes.recover.distil` itself (features, teacher targets fr
 forward, backward, AdamW, masks: a whole step) on tiny.en over packed windows of real training
 speech, ``--steps`` steps after one warm-up step, for: torch threads 2 and 1, a batch of 2 windows,
 bf16 autocast, AdamW's fused kernel against its foreach one, the student's input augmented
-(``--augment``), the token table frozen (``--freeze embed_tokens``), ``torch.compile``, and the per-block matching loss (the teacher runs beside the
-student). Each variant is reported as seconds per window and as seconds of speech learned from
-per second of training, with its ratio to the plain fp32 batch-1 loop.
+(``--augment``), the token table frozen (``--freeze embed_tokens``), ``torch.compile``, and the
+per-block matching loss (the teacher runs beside the student). Each variant is reported as seconds
+per window and as seconds of speech learned from per second of training, with its ratio to the
+plain fp32 batch-1 loop.
 """
 
 from __future__ import annotations
