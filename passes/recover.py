@@ -303,8 +303,10 @@ def distil(student, teacher, windows, targets: Path, steps: int, cfg: RecoverCon
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else contextlib.nullcontext())
     teacher_model = teacher.model.to(device) if cfg.block_weight else None
-    # every zero stays zero, the token table's too when an earlier pruning made them (--include-embeddings)
-    masked = prunable_layers(model, include_embeddings=True)
+    # every zero stays zero, the token table's too when an earlier pruning made them (--include-embeddings);
+    # a layer without zeros, or frozen, has no mask to re-apply (the step's hot path skips it)
+    masked = {n: m for n, m in prunable_layers(model, include_embeddings=True).items()
+              if m.weight.requires_grad and not bool(m.weight.detach().all())}
     masks = {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in masked.items()}
     opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused or None)
     order = np.random.default_rng([cfg.seed, stage, rank]).permutation(len(shard))
